@@ -1,0 +1,268 @@
+//! The command line: `baton run`, `reload`, `status`, `stop`.
+//!
+//! [`Cli`] is the clap definition (its doc comments are the help texts);
+//! [`execute`] runs one parsed command. Client commands talk to a running
+//! baton over its control socket and print for people (or JSON with
+//! `--json`). This module never touches a worker itself.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::control::{self, Request};
+use crate::listener::ListenSpec;
+use crate::spawn::WorkerCommand;
+use crate::supervisor::{self, Config, Readiness};
+use crate::Error;
+
+/// Zero-downtime reloads for any server binary.
+///
+/// baton holds your server's listening sockets for its whole life. On a
+/// reload (SIGHUP or `baton reload`) it starts a new worker on the same
+/// sockets, waits until it is ready, and only then tells the old one to finish
+/// its in-flight requests and exit. No connection is refused or reset.
+#[derive(Debug, Parser)]
+#[command(name = "baton", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Bind the listeners and supervise COMMAND, reloading it on demand.
+    ///
+    /// Workers get the listeners at fds 3.. (LISTEN_FDS, LISTEN_PID,
+    /// LISTEN_FDNAMES, as systemd passes them), their own NOTIFY_SOCKET and
+    /// BATON_GENERATION. Example:
+    ///
+    ///   baton run --listen http=tcp://127.0.0.1:8080 -- ./my-server
+    ///
+    /// Signals: HUP reloads; TERM and INT drain every generation and exit 0
+    /// (a second TERM or INT kills them at once).
+    Run(RunArgs),
+    /// Start a new generation and retire the serving one once it is ready.
+    Reload {
+        /// Wait for the outcome: exit 0 once the new generation serves,
+        /// non-zero with the reason if it failed.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Show the generations, their pids and states, and the last reload.
+    Status {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Drain every generation, then make the supervisor exit.
+    Stop {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+/// `--control`, shared by every subcommand.
+#[derive(Debug, Args)]
+pub struct ControlArg {
+    /// The control socket [default: $RUNTIME_DIRECTORY/baton.sock, else
+    /// $XDG_RUNTIME_DIR/baton.sock, else /tmp/baton-$UID/baton.sock]
+    #[arg(long, value_name = "PATH", env = "BATON_CONTROL")]
+    pub control: Option<PathBuf>,
+}
+
+impl ControlArg {
+    fn path(&self) -> PathBuf {
+        self.control.clone().unwrap_or_else(control::default_path)
+    }
+}
+
+/// The options of `baton run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A listening socket to hold, as NAME=ADDR; repeatable. ADDR is
+    /// tcp://HOST:PORT (HOST may be [IPv6]), udp://HOST:PORT, unix:PATH
+    /// (stream) or unix-dgram:PATH. Workers see them at fds 3.. in this order.
+    #[arg(long = "listen", value_name = "NAME=ADDR")]
+    pub listen: Vec<ListenSpec>,
+    #[command(flatten)]
+    pub control: ControlArg,
+    /// How long a new generation may take to become ready.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+    /// How readiness is judged: `notify` (READY=1 on NOTIFY_SOCKET, or the
+    /// SDK's ready()), or `after:DUR` for workers that never notify: ready
+    /// once alive for DUR (or on READY=1, whichever is first).
+    #[arg(long, value_name = "notify|after:DUR", default_value = "notify", value_parser = parse_readiness)]
+    pub ready: Readiness,
+    /// The signal that tells a plain worker to drain (finish in-flight
+    /// requests, then exit). SDK workers are told over their channel.
+    #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = parse_signal)]
+    pub drain_signal: Signal,
+    /// How long a draining generation may take before it is killed.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// How many old generations may drain at once; further reloads wait
+    /// for one to exit.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_draining: u16,
+    /// The worker command and its arguments.
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// Parses `250ms`, `30s`, `2m`, `1h 5m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 250ms, 30s or 2m ({e})"))
+}
+
+fn parse_readiness(s: &str) -> Result<Readiness, String> {
+    match s.split_once(':') {
+        None if s == "notify" => Ok(Readiness::Notify),
+        Some(("after", d)) => parse_duration(d).map(Readiness::After),
+        _ => Err(format!(
+            "{s:?}: expected `notify` or `after:DURATION` (like after:500ms)"
+        )),
+    }
+}
+
+/// Parses `TERM`, `SIGTERM`, `term`, `15`.
+pub fn parse_signal(s: &str) -> Result<Signal, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("{n} is not a signal number"));
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<Signal>()
+        .map_err(|_| format!("{s:?} is not a signal name (like TERM, INT, QUIT, USR1)"))
+}
+
+/// Runs one command; returns the process exit code.
+pub async fn execute(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Run(args) => {
+            let command = WorkerCommand {
+                program: args.command[0].clone(),
+                argv: args.command.clone(),
+            };
+            supervisor::run(Config {
+                listeners: args.listen,
+                command,
+                control: args.control.path(),
+                ready_timeout: args.ready_timeout,
+                readiness: args.ready,
+                drain_signal: args.drain_signal,
+                drain_timeout: args.drain_timeout,
+                max_draining: usize::from(args.max_draining),
+            })
+            .await
+        }
+        Command::Reload { wait, control } => {
+            let answer = ask(&control, &Request::Reload { wait }).await?;
+            if !wait {
+                println!("reload requested");
+                return Ok(());
+            }
+            if answer["ok"] == Value::Bool(true) {
+                println!(
+                    "generation {} is serving (reload took {}ms)",
+                    answer["generation"], answer["ms"]
+                );
+                Ok(())
+            } else {
+                Err(Error::ReloadFailed(error_text(&answer)))
+            }
+        }
+        Command::Status { json, control } => {
+            let answer = ask(&control, &Request::Status).await?;
+            if json {
+                println!("{answer}");
+            } else {
+                print!("{}", describe_status(&answer));
+            }
+            Ok(())
+        }
+        Command::Stop { control } => {
+            ask(&control, &Request::Stop).await?;
+            println!("baton stopped");
+            Ok(())
+        }
+    }
+}
+
+/// Sends a request; an answer with `"ok": false` that is not a reload's
+/// outcome becomes an error.
+async fn ask(control: &ControlArg, request: &Request) -> Result<Value, Error> {
+    let answer = control::request(&control.path(), request).await?;
+    let is_reload_outcome =
+        matches!(request, Request::Reload { wait: true }) && answer.get("generation").is_some();
+    if answer["ok"] != Value::Bool(true) && !is_reload_outcome {
+        return Err(Error::Refused(error_text(&answer)));
+    }
+    Ok(answer)
+}
+
+fn error_text(answer: &Value) -> String {
+    answer["error"]
+        .as_str()
+        .unwrap_or("no reason given")
+        .to_owned()
+}
+
+/// The text form of `baton status`.
+fn describe_status(s: &Value) -> String {
+    let mut out = String::new();
+    let serving = match &s["generation"] {
+        Value::Number(n) => format!("generation {n} serving"),
+        _ => "no generation serving".to_owned(),
+    };
+    out.push_str(&format!("baton (pid {}): {serving}\n", s["pid"]));
+    for l in s["listeners"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  listener {}: {}\n",
+            l["name"].as_str().unwrap_or("?"),
+            l["address"].as_str().unwrap_or("?")
+        ));
+    }
+    for g in s["generations"].as_array().into_iter().flatten() {
+        let status = g["status"]
+            .as_str()
+            .map(|t| format!(" - {t}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  generation {}: {} (pid {}, up {}ms){status}\n",
+            g["generation"],
+            g["state"].as_str().unwrap_or("?"),
+            g["pids"][0],
+            g["age_ms"]
+        ));
+    }
+    match &s["last_reload"] {
+        Value::Object(r) if r.get("ok") == Some(&Value::Bool(true)) => out.push_str(&format!(
+            "  last reload: generation {} ok in {}ms\n",
+            r["generation"], r["ms"]
+        )),
+        Value::Object(r) => out.push_str(&format!(
+            "  last reload: generation {} FAILED after {}ms: {}\n",
+            r["generation"],
+            r["ms"],
+            r["error"].as_str().unwrap_or("?")
+        )),
+        _ => out.push_str("  last reload: none yet\n"),
+    }
+    out
+}

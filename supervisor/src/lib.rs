@@ -1,0 +1,111 @@
+//! `baton`: a supervisor for zero-downtime reloads of any server binary.
+//!
+//! baton binds the listening sockets once and keeps them for its whole life.
+//! On a reload it starts a new generation of the worker on the same sockets,
+//! waits until it is ready, and only then tells the old generation to drain.
+//!
+//! The major components are:
+//!
+//! * [`supervisor`]: the event loop that owns the generation table and runs
+//!   the reload sequence; [`supervisor::run`] is `baton run`.
+//! * [`listener`]: `--listen` parsing and binding the kept sockets.
+//! * [`spawn`]: a worker's command line, environment and descriptors;
+//!   `sys` holds the fork/exec, the crate's only unsafe code.
+//! * [`notify`]: sd_notify, from workers and to systemd.
+//! * [`control`]: the control socket behind `baton reload|status|stop`.
+//! * [`cli`]: the command line and the client commands.
+//!
+//! The binary (`main.rs`) only parses arguments and maps errors to exit codes.
+
+pub mod cli;
+pub mod control;
+pub mod listener;
+pub mod notify;
+pub mod spawn;
+pub mod supervisor;
+mod sys;
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in baton, each naming what was being done
+/// and to what.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error("binding listener `{name}` on {addr}: {source}")]
+    Bind {
+        /// The listener's name.
+        name: String,
+        /// The address asked for.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The worker command cannot be run.
+    #[error("worker command `{command}`: {reason}")]
+    Command {
+        /// The program as given.
+        command: String,
+        /// Why it cannot run.
+        reason: String,
+    },
+    /// Starting a worker process failed.
+    #[error("starting `{command}`: {step}: {source}")]
+    Spawn {
+        /// The resolved program.
+        command: String,
+        /// The step that failed.
+        step: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The control socket could not be set up or used.
+    #[error("control socket {}: {what}: {source}", path.display())]
+    Control {
+        /// The socket's path.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// Another baton owns the control socket.
+    #[error(
+        "control socket {} is in use by a running baton (pid {pid}); stop it, or give this one \
+         another --control path",
+        path.display()
+    )]
+    ControlInUse {
+        /// The socket's path.
+        path: PathBuf,
+        /// The other baton's pid, as its lock file says.
+        pid: String,
+    },
+    /// No baton answers on the control socket.
+    #[error(
+        "no baton is running with control socket {} (start one with `baton run`, or point \
+         --control / BATON_CONTROL at its socket)",
+        path.display()
+    )]
+    NotRunning {
+        /// The socket's path.
+        path: PathBuf,
+    },
+    /// The first generation never served, so `baton run` gives up.
+    #[error("the first generation did not start: {0}")]
+    FirstGeneration(String),
+    /// A reload that `baton reload --wait` waited for failed.
+    #[error("reload failed: {0}")]
+    ReloadFailed(String),
+    /// The running baton refused a request.
+    #[error("baton refused the request: {0}")]
+    Refused(String),
+    /// Any other I/O failure, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,199 @@
+//! sd_notify in both directions.
+//!
+//! Inbound: each worker gets its own `NOTIFY_SOCKET`, a datagram socket of the
+//! supervisor's, so a message is attributed to its generation by the socket it
+//! arrives on, whichever process of that generation sent it (a shell script's
+//! `systemd-notify` has a pid of its own). [`read_worker_notify`] turns each
+//! datagram into an event for the supervisor's loop and closes every
+//! descriptor that comes with it at once (`systemd-notify` sends `BARRIER=1`
+//! with a pipe and waits until the receiver closes it).
+//!
+//! Outbound: [`Systemd`] sends the supervisor's own `READY=1`, `RELOADING=1`,
+//! `STATUS=`, `STOPPING=1` to the `NOTIFY_SOCKET` baton itself was started
+//! with. A worker's messages are never forwarded there.
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram as StdDatagram;
+use std::time::Duration;
+
+use nix::sys::socket::{self, ControlMessageOwned, MsgFlags};
+use tokio::io::Interest;
+use tokio::net::UnixDatagram;
+use tokio::sync::mpsc;
+
+use crate::supervisor::Event;
+
+/// The largest notify datagram read; systemd allows more, but no state we act
+/// on is near this size. Longer datagrams are cut, never misread as others.
+const MAX_DATAGRAM: usize = 16 * 1024;
+
+/// What one notify datagram said, as far as baton cares.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NotifyMessage {
+    /// `READY=1`
+    pub ready: bool,
+    /// `STOPPING=1`: logged, never forwarded.
+    pub stopping: bool,
+    /// `STATUS=...`
+    pub status: Option<String>,
+    /// `ERRNO=...`
+    pub errno: Option<String>,
+}
+
+impl NotifyMessage {
+    /// Parses the newline-separated `KEY=VALUE` assignments of one datagram.
+    pub fn parse(datagram: &[u8]) -> NotifyMessage {
+        let mut msg = NotifyMessage::default();
+        for line in String::from_utf8_lossy(datagram).lines() {
+            match line.split_once('=') {
+                Some(("READY", "1")) => msg.ready = true,
+                Some(("STOPPING", "1")) => msg.stopping = true,
+                Some(("STATUS", text)) => msg.status = Some(text.to_owned()),
+                Some(("ERRNO", n)) => msg.errno = Some(n.to_owned()),
+                _ => {}
+            }
+        }
+        msg
+    }
+}
+
+/// Reads generation `generation`'s notify socket until the loop goes away.
+pub async fn read_worker_notify(generation: u64, socket: StdDatagram, events: mpsc::Sender<Event>) {
+    let socket = match UnixDatagram::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("generation {generation}: watching its notify socket: {e}");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let fd = socket.as_fd().as_raw_fd();
+        let got = socket
+            .async_io(Interest::READABLE, || recv_closing_fds(fd, &mut buf))
+            .await;
+        match got {
+            Ok((len, truncated)) => {
+                if truncated {
+                    tracing::warn!(
+                        "generation {generation}: ignored a notify message longer than \
+                         {MAX_DATAGRAM} bytes"
+                    );
+                    continue;
+                }
+                let message = NotifyMessage::parse(&buf[..len]);
+                if events
+                    .send(Event::Notify {
+                        generation,
+                        message,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!("generation {generation}: reading its notify socket: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Receives one datagram; closes any descriptors that came with it.
+fn recv_closing_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    let mut cmsg = nix::cmsg_space!([RawFd; 16]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )?;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                // Dropped at once: that close is what `BARRIER=1` waits for.
+                drop(crate::sys::own_received(&fds));
+            }
+        }
+    }
+    Ok((msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC)))
+}
+
+/// The supervisor's own line to systemd, if it was started with a
+/// `NOTIFY_SOCKET`.
+#[derive(Debug)]
+pub struct Systemd {
+    target: Option<(StdDatagram, std::os::unix::net::SocketAddr)>,
+}
+
+impl Systemd {
+    /// Reads `NOTIFY_SOCKET` (a path, or `@name` for an abstract socket).
+    /// Without it, every send is a no-op.
+    pub fn from_env() -> Systemd {
+        let target = std::env::var_os("NOTIFY_SOCKET").and_then(|path| {
+            let addr = notify_addr(path.as_encoded_bytes()).ok()?;
+            let socket = StdDatagram::unbound().ok()?;
+            socket
+                .set_write_timeout(Some(Duration::from_secs(1)))
+                .ok()?;
+            Some((socket, addr))
+        });
+        Systemd { target }
+    }
+
+    /// Sends one message (newline-separated assignments); failures are
+    /// logged, never fatal: systemd being slow must not stop a reload.
+    pub fn send(&self, message: &str) {
+        if let Some((socket, addr)) = &self.target {
+            if let Err(e) = socket.send_to_addr(message.as_bytes(), addr) {
+                tracing::warn!("telling systemd {message:?}: {e}");
+            }
+        }
+    }
+
+    /// `RELOADING=1` with the `MONOTONIC_USEC=` systemd requires beside it.
+    pub fn reloading(&self, status: &str) {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+            .unwrap_or(0);
+        self.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={now}\nSTATUS={status}"
+        ));
+    }
+}
+
+fn notify_addr(path: &[u8]) -> io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    match path.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(std::path::Path::new(
+            std::ffi::OsStr::from_bytes(path),
+        )),
+    }
+}
+
+use std::os::unix::ffi::OsStrExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_assignments_baton_acts_on() {
+        let m = NotifyMessage::parse(b"READY=1\nSTATUS=serving 3 clients\nMAINPID=9\n");
+        assert!(m.ready);
+        assert_eq!(m.status.as_deref(), Some("serving 3 clients"));
+        assert!(!m.stopping);
+        let m = NotifyMessage::parse(b"READY=0\nSTOPPING=1");
+        assert!(!m.ready);
+        assert!(m.stopping);
+        assert_eq!(
+            NotifyMessage::parse(b"\xff\xfe garbage"),
+            NotifyMessage::default()
+        );
+    }
+}

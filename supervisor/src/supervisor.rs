@@ -1,0 +1,969 @@
+//! The supervisor's event loop: the one owner of the generation table.
+//!
+//! Signals, child exits, worker notify sockets, worker channels, the control
+//! socket and timers all become [`Event`]s on one queue; [`Supervisor`] reacts
+//! to them one at a time, so no lock guards any state. Generation phases are
+//! the [`Phase`] enum, and they change only in the `on_*`/`begin_*` methods
+//! here.
+//!
+//! The reload sequence (DESIGN.md, "Generation lifecycle"): a trigger starts
+//! generation N+1 beside the serving N; when N+1 is ready, N is told to drain;
+//! if N+1 exits, times out or speaks malformed protocol first, it is drained
+//! and killed and N serves on untouched. Triggers during a reload coalesce
+//! into one queued reload. The old generation is never told to drain before
+//! the new one is ready.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_worker::protocol::{
+    self, ProtocolError, SupervisorMessage, WorkerMessage, PROTOCOL_VERSION,
+};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{self, ControlSocket, Request};
+use crate::listener::{ListenSpec, Listener};
+use crate::notify::{self, NotifyMessage, Systemd};
+use crate::spawn::{self, WorkerCommand};
+use crate::Error;
+
+/// How a plain worker (one that does not notify) is judged ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// `READY=1` on `NOTIFY_SOCKET`, or the SDK's `ready()`.
+    Notify,
+    /// Also ready once alive for this long, whichever comes first.
+    After(Duration),
+}
+
+/// Everything `baton run` was told.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The listeners, in `--listen` order.
+    pub listeners: Vec<ListenSpec>,
+    /// The worker command.
+    pub command: WorkerCommand,
+    /// The control socket's path.
+    pub control: PathBuf,
+    /// How long a new generation may take to become ready.
+    pub ready_timeout: Duration,
+    /// How readiness is judged.
+    pub readiness: Readiness,
+    /// The signal that makes a plain worker drain.
+    pub drain_signal: Signal,
+    /// How long a draining generation may take before SIGKILL.
+    pub drain_timeout: Duration,
+    /// How many old generations may drain at once; further reloads wait.
+    pub max_draining: usize,
+}
+
+/// Something the loop reacts to. Every source of change sends one of these.
+#[derive(Debug)]
+pub enum Event {
+    /// SIGHUP: reload.
+    Reload,
+    /// SIGTERM or SIGINT: drain everything and exit (a second one: kill now).
+    Stop,
+    /// SIGCHLD: one or more children changed state.
+    Child,
+    /// A datagram on a worker's notify socket.
+    Notify {
+        /// The generation whose socket it arrived on.
+        generation: u64,
+        /// What it said.
+        message: NotifyMessage,
+    },
+    /// A message (or a protocol error) on a worker's channel.
+    Channel {
+        /// The generation whose channel it arrived on.
+        generation: u64,
+        /// The message, or why it could not be read.
+        message: Result<WorkerMessage, ProtocolError>,
+    },
+    /// A request on the control socket, with where to send the answer.
+    Control {
+        /// The request.
+        request: Request,
+        /// Dropping it answers "baton is shutting down".
+        reply: oneshot::Sender<Value>,
+    },
+    /// A deadline of one generation passed.
+    Timer {
+        /// The generation it belongs to.
+        generation: u64,
+        /// Which deadline.
+        timer: Timer,
+    },
+    /// The back-off after a crash is over; `seq` tells stale ones apart.
+    RestartDue {
+        /// The restart this timer was armed for.
+        seq: u64,
+    },
+}
+
+/// The deadlines a generation can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// `--ready-timeout` passed.
+    ReadyTimeout,
+    /// `--ready after:DUR` passed.
+    ReadyAfter,
+    /// `--drain-timeout` passed.
+    DrainTimeout,
+}
+
+/// Where a generation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Started, not yet ready; the previous generation still serves.
+    Starting,
+    /// Ready and serving; the newest serving generation is "the" generation.
+    Serving,
+    /// Told to finish in-flight work and exit; killed at its deadline.
+    Draining,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Serving => "serving",
+            Phase::Draining => "draining",
+        }
+    }
+}
+
+/// Why a generation was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The first generation: its failure ends `baton run`.
+    First,
+    /// A reload of a serving generation.
+    Reload,
+    /// A restart after the serving generation died.
+    Restart,
+}
+
+/// One started worker process.
+#[derive(Debug)]
+struct Generation {
+    number: u64,
+    pid: Pid,
+    phase: Phase,
+    started: Instant,
+    /// When it became ready, if it did.
+    serving_since: Option<Instant>,
+    /// When it was told to drain, if it was.
+    draining_since: Option<Instant>,
+    /// The supervisor's end of the worker channel; the reader task holds a
+    /// clone and ends when the socket reports an error or hang-up.
+    channel: Arc<AsyncFd<OwnedFd>>,
+    /// The worker said `hello`: it drains by message, not by signal.
+    speaks_protocol: bool,
+    /// The last `STATUS=` it reported.
+    status: Option<String>,
+    notify_path: PathBuf,
+    /// Reader tasks, aborted when the generation is gone.
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+/// The reload (or start, or restart) whose generation is starting.
+#[derive(Debug)]
+struct InFlight {
+    generation: u64,
+    purpose: Purpose,
+    started: Instant,
+    waiters: Vec<oneshot::Sender<Value>>,
+}
+
+/// How the last reload ended, for `status` and `reload --wait`.
+#[derive(Debug, Clone)]
+struct ReloadResult {
+    generation: u64,
+    ok: bool,
+    error: Option<String>,
+    ms: u64,
+}
+
+/// The state the event loop owns.
+struct Supervisor {
+    config: Config,
+    listeners: Vec<Listener>,
+    run_dir: tempfile::TempDir,
+    dev_null: OwnedFd,
+    /// The loop's own sender, cloned into every task it starts.
+    events: mpsc::Sender<Event>,
+    systemd: Systemd,
+    generations: BTreeMap<u64, Generation>,
+    next_generation: u64,
+    in_flight: Option<InFlight>,
+    /// A reload asked for while another runs: at most one, with every waiter.
+    queued: Option<Vec<oneshot::Sender<Value>>>,
+    last_reload: Option<ReloadResult>,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    restart_delay: Duration,
+    restart_seq: u64,
+    stopping: bool,
+    /// Answered once everything has exited.
+    stop_waiters: Vec<oneshot::Sender<Value>>,
+    /// Set when the first generation failed: `run` returns it.
+    fatal: Option<String>,
+    /// Set once the first generation served; systemd's first READY=1.
+    ever_served: bool,
+}
+
+/// Smallest and largest delay before restarting a crashed worker.
+const RESTART_MIN: Duration = Duration::from_millis(100);
+const RESTART_MAX: Duration = Duration::from_secs(10);
+/// A worker that served this long before crashing restarts without delay
+/// growth: its crash is news, not a loop.
+const HEALTHY_FOR: Duration = Duration::from_secs(10);
+
+/// Runs `baton run` to the end: binds, starts generation 1, serves events
+/// until stopped. Returns an error if the first generation never serves.
+pub async fn run(config: Config) -> Result<(), Error> {
+    let listeners = config
+        .listeners
+        .iter()
+        .map(Listener::bind)
+        .collect::<Result<Vec<_>, _>>()?;
+    config.command.resolve()?;
+    let mut control = ControlSocket::bind(&config.control)?;
+    let io = |context: &str, source: std::io::Error| Error::Io {
+        context: context.to_owned(),
+        source,
+    };
+    let run_dir = tempfile::Builder::new()
+        .prefix("baton-")
+        .tempdir_in(
+            control
+                .path()
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new(".")),
+        )
+        .map_err(|e| io("creating baton's runtime directory", e))?;
+    let dev_null: OwnedFd = std::fs::File::open("/dev/null")
+        .map_err(|e| io("opening /dev/null", e))?
+        .into();
+    // Orphaned grandchildren of workers are re-parented to us and reaped.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!("becoming a child subreaper: {e}; orphans of workers go to init");
+    }
+
+    let (tx, rx) = mpsc::channel(256);
+    // Signals are registered before any child exists, so no exit is missed.
+    let signals: [(SignalKind, fn() -> Event); 4] = [
+        (SignalKind::hangup(), || Event::Reload),
+        (SignalKind::terminate(), || Event::Stop),
+        (SignalKind::interrupt(), || Event::Stop),
+        (SignalKind::child(), || Event::Child),
+    ];
+    for (kind, event) in signals {
+        let mut stream = signal(kind).map_err(|e| io("installing signal handlers", e))?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(event()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    control.serve(tx.clone())?;
+    for l in &listeners {
+        tracing::info!("listener `{}` on {}", l.name, l.bound);
+    }
+    tracing::info!("control socket {}", control.path().display());
+
+    let mut supervisor = Supervisor {
+        config,
+        listeners,
+        run_dir,
+        dev_null,
+        events: tx,
+        systemd: Systemd::from_env(),
+        generations: BTreeMap::new(),
+        next_generation: 1,
+        in_flight: None,
+        queued: None,
+        last_reload: None,
+        reloads_ok: 0,
+        reloads_failed: 0,
+        restart_delay: RESTART_MIN,
+        restart_seq: 0,
+        stopping: false,
+        stop_waiters: Vec::new(),
+        fatal: None,
+        ever_served: false,
+    };
+    supervisor.start_generation(Purpose::First, Vec::new());
+    let result = supervisor.serve(rx).await;
+    control.finish(Duration::from_secs(1)).await;
+    result
+}
+
+impl Supervisor {
+    async fn serve(&mut self, mut rx: mpsc::Receiver<Event>) -> Result<(), Error> {
+        while !(self.stopping && self.generations.is_empty()) {
+            // The loop holds a sender itself, so the queue never closes.
+            let Some(event) = rx.recv().await else { break };
+            self.handle(event);
+        }
+        self.systemd.send("STOPPING=1");
+        let answer = json!({ "ok": true, "stopped": true });
+        for waiter in self.stop_waiters.drain(..) {
+            let _ = waiter.send(answer.clone());
+        }
+        match self.fatal.take() {
+            Some(reason) => Err(Error::FirstGeneration(reason)),
+            None => {
+                tracing::info!("every generation has exited; baton stops");
+                Ok(())
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Reload => {
+                tracing::info!("SIGHUP: reloading");
+                self.request_reload(None);
+            }
+            Event::Stop => self.begin_stop(),
+            Event::Child => self.reap(),
+            Event::Notify {
+                generation,
+                message,
+            } => self.on_notify(generation, message),
+            Event::Channel {
+                generation,
+                message,
+            } => self.on_channel(generation, message),
+            Event::Control { request, reply } => self.on_control(request, reply),
+            Event::Timer { generation, timer } => self.on_timer(generation, timer),
+            Event::RestartDue { seq } => {
+                let nothing_serves = !self.generations.values().any(|g| g.phase == Phase::Serving);
+                if seq == self.restart_seq
+                    && !self.stopping
+                    && self.in_flight.is_none()
+                    && nothing_serves
+                {
+                    self.start_generation(Purpose::Restart, Vec::new());
+                }
+            }
+        }
+    }
+
+    // ---- triggers -------------------------------------------------------
+
+    fn on_control(&mut self, request: Request, reply: oneshot::Sender<Value>) {
+        match request {
+            Request::Status => {
+                let _ = reply.send(self.status());
+            }
+            Request::Reload { wait } => {
+                tracing::info!("reload requested on the control socket");
+                if wait {
+                    self.request_reload(Some(reply));
+                } else if self.stopping {
+                    let _ = reply.send(control::error("baton is stopping"));
+                } else {
+                    self.request_reload(None);
+                    let _ = reply.send(json!({ "ok": true, "queued": true }));
+                }
+            }
+            Request::Stop => {
+                tracing::info!("stop requested on the control socket");
+                self.stop_waiters.push(reply);
+                self.begin_stop();
+            }
+        }
+    }
+
+    /// Starts a reload now, or queues one (coalescing with any queued one).
+    fn request_reload(&mut self, waiter: Option<oneshot::Sender<Value>>) {
+        if self.stopping {
+            if let Some(w) = waiter {
+                let _ = w.send(control::error("baton is stopping"));
+            }
+            return;
+        }
+        let queued = self.queued.get_or_insert_with(Vec::new);
+        queued.extend(waiter);
+        self.start_queued();
+    }
+
+    /// Starts the queued reload if nothing blocks it: no generation starting
+    /// and fewer than `--max-draining` draining.
+    fn start_queued(&mut self) {
+        if self.stopping || self.in_flight.is_some() || self.queued.is_none() {
+            return;
+        }
+        let draining = self
+            .generations
+            .values()
+            .filter(|g| g.phase == Phase::Draining)
+            .count();
+        if draining >= self.config.max_draining {
+            tracing::info!(
+                "reload waits: {draining} old generations are still draining \
+                 (at most {} at once)",
+                self.config.max_draining
+            );
+            return;
+        }
+        let waiters = self.queued.take().unwrap_or_default();
+        let purpose = if self.generations.values().any(|g| g.phase == Phase::Serving) {
+            Purpose::Reload
+        } else if self.ever_served {
+            Purpose::Restart
+        } else {
+            Purpose::First
+        };
+        self.start_generation(purpose, waiters);
+    }
+
+    // ---- starting -------------------------------------------------------
+
+    fn start_generation(&mut self, purpose: Purpose, waiters: Vec<oneshot::Sender<Value>>) {
+        let number = self.next_generation;
+        self.next_generation += 1;
+        if purpose == Purpose::Reload {
+            self.systemd
+                .reloading(&format!("reloading: starting generation {number}"));
+        }
+        let started = Instant::now();
+        self.in_flight = Some(InFlight {
+            generation: number,
+            purpose,
+            started,
+            waiters,
+        });
+        let spawned = spawn::spawn(
+            &self.config.command,
+            number,
+            &self.listeners,
+            self.run_dir.path(),
+            self.dev_null.as_fd(),
+        );
+        let spawned = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                self.finish_in_flight(number, Err(format!("{e:#}")));
+                return;
+            }
+        };
+        let channel = match crate::sys::async_fd(spawned.channel) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                // Without a channel we cannot watch it; stop it again.
+                let _ = killpg(spawned.pid, Signal::SIGKILL);
+                self.finish_in_flight(number, Err(format!("watching its channel: {e}")));
+                return;
+            }
+        };
+        tracing::info!(
+            "generation {number} started (pid {}): {}",
+            spawned.pid,
+            self.config.command.program.to_string_lossy()
+        );
+        let tasks = vec![
+            tokio::spawn(notify::read_worker_notify(
+                number,
+                spawned.notify,
+                self.events.clone(),
+            ))
+            .abort_handle(),
+            tokio::spawn(read_channel(number, channel.clone(), self.events.clone())).abort_handle(),
+        ];
+        self.generations.insert(
+            number,
+            Generation {
+                number,
+                pid: spawned.pid,
+                phase: Phase::Starting,
+                started,
+                serving_since: None,
+                draining_since: None,
+                channel,
+                speaks_protocol: false,
+                status: None,
+                notify_path: spawned.notify_path,
+                tasks,
+            },
+        );
+        self.after(
+            self.config.ready_timeout,
+            Event::Timer {
+                generation: number,
+                timer: Timer::ReadyTimeout,
+            },
+        );
+        if let Readiness::After(d) = self.config.readiness {
+            self.after(
+                d,
+                Event::Timer {
+                    generation: number,
+                    timer: Timer::ReadyAfter,
+                },
+            );
+        }
+    }
+
+    /// The starting generation is ready: it serves, and only now are the
+    /// generations it replaces told to drain.
+    fn on_ready(&mut self, number: u64, how: &str) {
+        let Some(g) = self.generations.get_mut(&number) else {
+            return;
+        };
+        if g.phase != Phase::Starting {
+            return;
+        }
+        g.phase = Phase::Serving;
+        g.serving_since = Some(Instant::now());
+        tracing::info!("generation {number} (pid {}) is ready ({how})", g.pid);
+        let old: Vec<u64> = self
+            .generations
+            .values()
+            .filter(|g| g.phase == Phase::Serving && g.number != number)
+            .map(|g| g.number)
+            .collect();
+        for n in old {
+            self.begin_drain(n, "replaced");
+        }
+        self.finish_in_flight(number, Ok(()));
+    }
+
+    /// Ends the in-flight start of generation `number`: records the result,
+    /// answers its waiters, and moves on (queued reload, restart, or exit).
+    fn finish_in_flight(&mut self, number: u64, result: Result<(), String>) {
+        let Some(in_flight) = self.in_flight.take_if(|f| f.generation == number) else {
+            return;
+        };
+        let ms = in_flight.started.elapsed().as_millis() as u64;
+        let answer = match &result {
+            Ok(()) => {
+                self.ever_served = true;
+                self.reloads_ok += u64::from(in_flight.purpose == Purpose::Reload);
+                json!({ "ok": true, "generation": number, "ms": ms })
+            }
+            Err(reason) => {
+                self.reloads_failed += u64::from(in_flight.purpose == Purpose::Reload);
+                tracing::error!("generation {number} failed: {reason}");
+                json!({ "ok": false, "generation": number, "ms": ms, "error": reason })
+            }
+        };
+        if in_flight.purpose != Purpose::First || result.is_err() {
+            self.last_reload = Some(ReloadResult {
+                generation: number,
+                ok: result.is_ok(),
+                error: result.as_ref().err().cloned(),
+                ms,
+            });
+        }
+        for waiter in in_flight.waiters {
+            let _ = waiter.send(answer.clone());
+        }
+        let serving = self.serving_generation();
+        let status = match (&result, serving) {
+            (Ok(()), _) => format!("serving generation {number}"),
+            (Err(_), Some(s)) => {
+                format!("serving generation {s}; generation {number} failed to start")
+            }
+            (Err(_), None) => format!("generation {number} failed to start"),
+        };
+        // READY=1 after every reload, success or failure (systemd waits for it).
+        self.systemd.send(&format!("READY=1\nSTATUS={status}"));
+        match (result, in_flight.purpose) {
+            (Ok(()), _) => {}
+            (Err(reason), Purpose::First) => {
+                self.fatal = Some(format!("generation {number}: {reason}"));
+                self.begin_stop();
+                return;
+            }
+            (Err(_), Purpose::Restart) => {
+                self.restart_delay = (self.restart_delay * 2).min(RESTART_MAX);
+                self.schedule_restart();
+            }
+            (Err(_), Purpose::Reload) => self.schedule_restart(),
+        }
+        self.start_queued();
+    }
+
+    /// A starting generation failed: stop it (it may have accepted
+    /// connections already, so drain first), and report why.
+    fn fail_starting(&mut self, number: u64, reason: String) {
+        self.begin_drain(number, "failed to start");
+        self.finish_in_flight(number, Err(reason));
+    }
+
+    /// With no generation serving or starting, start one after the back-off.
+    fn schedule_restart(&mut self) {
+        if self.stopping
+            || self.in_flight.is_some()
+            || self.generations.values().any(|g| g.phase == Phase::Serving)
+        {
+            return;
+        }
+        self.restart_seq += 1;
+        let delay = self.restart_delay;
+        tracing::info!(
+            "restarting the worker in {}",
+            humantime::format_duration(delay)
+        );
+        self.after(
+            delay,
+            Event::RestartDue {
+                seq: self.restart_seq,
+            },
+        );
+    }
+
+    // ---- draining and exits ---------------------------------------------
+
+    /// Tells generation `number` to drain and arms its kill deadline.
+    fn begin_drain(&mut self, number: u64, why: &str) {
+        let Some(g) = self.generations.get_mut(&number) else {
+            return;
+        };
+        if g.phase == Phase::Draining {
+            return;
+        }
+        g.phase = Phase::Draining;
+        g.draining_since = Some(Instant::now());
+        let timeout = self.config.drain_timeout;
+        let by_message = g.speaks_protocol
+            && protocol::send(
+                g.channel.get_ref().as_fd(),
+                &SupervisorMessage::Drain {
+                    timeout_ms: timeout.as_millis() as u64,
+                },
+                &[],
+            )
+            .is_ok();
+        if by_message {
+            tracing::info!("generation {number} (pid {}) drains ({why})", g.pid);
+        } else {
+            tracing::info!(
+                "generation {number} (pid {}) drains ({why}): sending {}",
+                g.pid,
+                self.config.drain_signal
+            );
+            if let Err(e) = kill(g.pid, self.config.drain_signal) {
+                tracing::warn!("signalling generation {number} (pid {}): {e}", g.pid);
+            }
+        }
+        self.after(
+            timeout,
+            Event::Timer {
+                generation: number,
+                timer: Timer::DrainTimeout,
+            },
+        );
+    }
+
+    fn begin_stop(&mut self) {
+        if self.stopping {
+            tracing::warn!("stopping again: killing every generation now");
+            for g in self.generations.values() {
+                let _ = killpg(g.pid, Signal::SIGKILL);
+                let _ = kill(g.pid, Signal::SIGKILL);
+            }
+            return;
+        }
+        self.stopping = true;
+        tracing::info!("stopping: draining every generation");
+        self.systemd.send("STOPPING=1");
+        if let Some(number) = self.in_flight.as_ref().map(|f| f.generation) {
+            self.begin_drain(number, "baton is stopping");
+            self.finish_in_flight(number, Err("baton is stopping".into()));
+        }
+        for waiter in self.queued.take().unwrap_or_default() {
+            let _ = waiter.send(control::error("baton is stopping"));
+        }
+        let numbers: Vec<u64> = self.generations.keys().copied().collect();
+        for n in numbers {
+            self.begin_drain(n, "baton is stopping");
+        }
+    }
+
+    /// Reaps every exited child (SIGCHLDs merge, so loop until none is left).
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.on_exit(pid, format!("exited with status {code}"));
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    self.on_exit(pid, format!("was killed by {sig}"));
+                }
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::error!("reaping children: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, how: String) {
+        let Some(number) = self
+            .generations
+            .values()
+            .find(|g| g.pid == pid)
+            .map(|g| g.number)
+        else {
+            tracing::debug!("reaped pid {pid} (not a worker: an orphan re-parented to baton)");
+            return;
+        };
+        let Some(g) = self.generations.remove(&number) else {
+            return;
+        };
+        for task in &g.tasks {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(&g.notify_path);
+        // Whatever the worker left in its process group goes with it.
+        let _ = killpg(g.pid, Signal::SIGKILL);
+        match g.phase {
+            Phase::Starting => {
+                self.finish_in_flight(number, Err(format!("{how} before it was ready")));
+            }
+            Phase::Serving => {
+                tracing::error!("generation {number} (pid {pid}) {how} while serving");
+                let served = g.serving_since.map(|t| t.elapsed()).unwrap_or_default();
+                if served >= HEALTHY_FOR {
+                    self.restart_delay = RESTART_MIN;
+                } else if served > Duration::ZERO {
+                    self.restart_delay = (self.restart_delay * 2).min(RESTART_MAX);
+                }
+                self.schedule_restart();
+            }
+            Phase::Draining => {
+                tracing::info!(
+                    "generation {number} (pid {pid}) {how} after {} of draining",
+                    humantime::format_duration(Duration::from_millis(
+                        g.draining_since
+                            .map_or(0, |t| t.elapsed().as_millis() as u64)
+                    ))
+                );
+            }
+        }
+        self.start_queued();
+    }
+
+    // ---- worker messages ------------------------------------------------
+
+    fn on_notify(&mut self, number: u64, message: NotifyMessage) {
+        let Some(g) = self.generations.get_mut(&number) else {
+            return;
+        };
+        if let Some(status) = message.status {
+            g.status = Some(status);
+        }
+        if message.stopping {
+            // Never forwarded: STOPPING=1 to systemd would stop the unit.
+            tracing::info!("generation {number} (pid {}) says it is stopping", g.pid);
+        }
+        if let Some(errno) = message.errno {
+            tracing::warn!("generation {number} (pid {}) reports ERRNO={errno}", g.pid);
+        }
+        if message.ready {
+            self.on_ready(number, "READY=1");
+        }
+    }
+
+    fn on_channel(&mut self, number: u64, message: Result<WorkerMessage, ProtocolError>) {
+        let Some(g) = self.generations.get_mut(&number) else {
+            return;
+        };
+        match message {
+            Ok(WorkerMessage::Hello { protocol, pid }) => {
+                if protocol != PROTOCOL_VERSION {
+                    let reason = format!(
+                        "speaks worker protocol version {protocol}; this baton speaks \
+                         {PROTOCOL_VERSION} (update baton or baton-worker)"
+                    );
+                    self.protocol_error(number, reason);
+                    return;
+                }
+                g.speaks_protocol = true;
+                tracing::debug!("generation {number} (pid {pid}) speaks the worker protocol");
+                let welcome = SupervisorMessage::Welcome {
+                    protocol: PROTOCOL_VERSION,
+                    generation: number,
+                    listeners: self.listeners.iter().map(Listener::info).collect(),
+                };
+                let fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
+                if let Err(e) = protocol::send(g.channel.get_ref().as_fd(), &welcome, &fds) {
+                    self.protocol_error(number, format!("sending its listeners: {e}"));
+                }
+            }
+            Ok(WorkerMessage::Ready) => self.on_ready(number, "ready()"),
+            Ok(WorkerMessage::Status { text }) => g.status = Some(text),
+            // A plain worker's copy closes when it exits; the exit is reaped.
+            Err(ProtocolError::Closed) => {}
+            Err(e) => self.protocol_error(number, format!("{e}")),
+        }
+    }
+
+    /// Malformed data fails a starting generation; a serving one keeps
+    /// serving (its channel is no longer read) and drains by signal.
+    fn protocol_error(&mut self, number: u64, reason: String) {
+        let Some(g) = self.generations.get_mut(&number) else {
+            return;
+        };
+        g.speaks_protocol = false;
+        if g.phase == Phase::Starting {
+            self.fail_starting(number, reason);
+        } else {
+            tracing::error!(
+                "generation {number} (pid {}): {reason}; its channel is ignored from now on",
+                g.pid
+            );
+        }
+    }
+
+    fn on_timer(&mut self, number: u64, timer: Timer) {
+        let Some(g) = self.generations.get(&number) else {
+            return;
+        };
+        match (timer, g.phase) {
+            (Timer::ReadyTimeout, Phase::Starting) => {
+                let reason = format!(
+                    "not ready within {} (--ready-timeout): a plain worker must send READY=1 \
+                     to $NOTIFY_SOCKET (sd_notify), or be run with --ready after:DURATION; an \
+                     SDK worker must call ready()",
+                    humantime::format_duration(self.config.ready_timeout)
+                );
+                self.fail_starting(number, reason);
+            }
+            (Timer::ReadyAfter, Phase::Starting) => {
+                let after = match self.config.readiness {
+                    Readiness::After(d) => humantime::format_duration(d).to_string(),
+                    Readiness::Notify => String::new(),
+                };
+                self.on_ready(number, &format!("alive for {after}"));
+            }
+            (Timer::DrainTimeout, Phase::Draining) => {
+                tracing::warn!(
+                    "generation {number} (pid {}) still running {} after it was told to \
+                     drain: killing it",
+                    g.pid,
+                    humantime::format_duration(self.config.drain_timeout)
+                );
+                let _ = killpg(g.pid, Signal::SIGKILL);
+                let _ = kill(g.pid, Signal::SIGKILL);
+            }
+            _ => {}
+        }
+    }
+
+    // ---- helpers --------------------------------------------------------
+
+    /// Sends `event` to the loop after `delay`.
+    fn after(&self, delay: Duration, event: Event) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(event).await;
+        });
+    }
+
+    fn serving_generation(&self) -> Option<u64> {
+        self.generations
+            .values()
+            .filter(|g| g.phase == Phase::Serving)
+            .map(|g| g.number)
+            .max()
+    }
+
+    fn status(&self) -> Value {
+        let generations: Vec<Value> = self
+            .generations
+            .values()
+            .map(|g| {
+                json!({
+                    "generation": g.number,
+                    "state": g.phase.name(),
+                    "pids": [g.pid.as_raw()],
+                    "age_ms": g.started.elapsed().as_millis() as u64,
+                    "sdk": g.speaks_protocol,
+                    "status": g.status,
+                })
+            })
+            .collect();
+        let listeners: Vec<Value> = self
+            .listeners
+            .iter()
+            .map(|l| json!({ "name": l.name, "address": l.bound }))
+            .collect();
+        let last_reload = self.last_reload.as_ref().map(
+            |r| json!({ "generation": r.generation, "ok": r.ok, "error": r.error, "ms": r.ms }),
+        );
+        json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "generation": self.serving_generation(),
+            "generations": generations,
+            "last_reload": last_reload,
+            "reloads": { "ok": self.reloads_ok, "failed": self.reloads_failed },
+            "reload_queued": self.queued.is_some(),
+            "stopping": self.stopping,
+            "listeners": listeners,
+        })
+    }
+}
+
+/// Reads generation `number`'s channel until an error or hang-up.
+async fn read_channel(number: u64, channel: Arc<AsyncFd<OwnedFd>>, events: mpsc::Sender<Event>) {
+    loop {
+        let mut guard = match channel.readable().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                let _ = events
+                    .send(Event::Channel {
+                        generation: number,
+                        message: Err(ProtocolError::Io(e)),
+                    })
+                    .await;
+                return;
+            }
+        };
+        let message = match protocol::recv::<WorkerMessage>(channel.get_ref().as_fd()) {
+            Err(e) if e.is_would_block() => {
+                guard.clear_ready();
+                continue;
+            }
+            // Workers send no descriptors in this protocol version; any that
+            // arrive are closed here.
+            Ok((message, _fds)) => Ok(message),
+            Err(e) => Err(e),
+        };
+        let last = message.is_err();
+        if events
+            .send(Event::Channel {
+                generation: number,
+                message,
+            })
+            .await
+            .is_err()
+            || last
+        {
+            return;
+        }
+    }
+}

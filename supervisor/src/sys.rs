@@ -1,0 +1,313 @@
+//! The supervisor's only unsafe code: starting a worker process.
+//!
+//! [`spawn`] forks and execs a worker with its descriptors in place: the given
+//! ones at 3, 4, 5 … with close-on-exec cleared, `/dev/null` on stdin, every
+//! other descriptor closed, `LISTEN_PID` set to the worker's own pid, its own
+//! process group, and `PR_SET_PDEATHSIG` so it dies with the supervisor.
+//!
+//! Between `fork` and `execve` the child runs only async-signal-safe calls on
+//! memory prepared before the fork: no allocation, no locks, no logging. An
+//! exec failure travels back to the parent over a close-on-exec pipe, the way
+//! `std::process::Command` reports it.
+//!
+//! This module never decides *what* to start or *when*; `spawn.rs` does.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::unistd::Pid;
+
+/// Room for the decimal digits of any pid.
+const PID_DIGITS: usize = 20;
+
+/// Everything `execve` needs, prepared before the fork.
+pub struct ExecPlan {
+    path: CString,
+    argv: Vec<CString>,
+    /// `KEY=VALUE\0` entries; the one at `listen_pid` has room for the pid.
+    env: Vec<Vec<u8>>,
+    listen_pid: usize,
+}
+
+impl ExecPlan {
+    /// A plan to exec `path` with `argv` and `env` (`KEY=VALUE` strings, none
+    /// of them `LISTEN_PID`, which `spawn` adds with the child's own pid).
+    pub fn new(path: CString, argv: Vec<CString>, env: Vec<CString>) -> ExecPlan {
+        let mut env: Vec<Vec<u8>> = env.into_iter().map(CString::into_bytes_with_nul).collect();
+        let mut slot = b"LISTEN_PID=".to_vec();
+        slot.resize(slot.len() + PID_DIGITS + 1, 0);
+        env.push(slot);
+        let listen_pid = env.len() - 1;
+        ExecPlan {
+            path,
+            argv,
+            env,
+            listen_pid,
+        }
+    }
+}
+
+/// Why the child could not exec: which step, and its errno.
+#[derive(Debug)]
+pub struct SpawnFailure {
+    /// The step that failed, for the error message.
+    pub step: &'static str,
+    /// The error of that step.
+    pub error: io::Error,
+}
+
+const STEPS: [&str; 5] = [
+    "fork",
+    "arranging descriptors",
+    "setting the parent-death signal",
+    "exec",
+    "the supervisor is gone",
+];
+
+/// Forks and execs `plan` with `fds` at 3, 4, 5 … and `stdin` at 0.
+///
+/// Returns once the child has called `execve` successfully (or has failed to).
+pub fn spawn(
+    plan: &ExecPlan,
+    fds: &[BorrowedFd<'_>],
+    stdin: BorrowedFd<'_>,
+) -> Result<Pid, SpawnFailure> {
+    let fail = |step: usize, error: io::Error| SpawnFailure {
+        step: STEPS[step],
+        error,
+    };
+    // Everything the child touches is built here, before the fork.
+    let mut env = plan.env.clone();
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr().cast()).collect();
+    env_ptrs.push(std::ptr::null());
+    let slot_ptr: *mut u8 = env[plan.listen_pid].as_mut_ptr();
+    let mut argv_ptrs: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let sources: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let mut moved: Vec<RawFd> = vec![-1; sources.len()];
+    let (err_read, err_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail(0, e.into()))?;
+    let child = ChildContext {
+        path: plan.path.as_ptr(),
+        argv: argv_ptrs.as_ptr(),
+        env: env_ptrs.as_ptr(),
+        listen_pid_slot: slot_ptr,
+        sources: &sources,
+        moved: moved.as_mut_ptr(),
+        stdin: stdin.as_raw_fd(),
+        report: err_write.as_raw_fd(),
+        parent: nix::unistd::getpid().as_raw(),
+    };
+
+    // SAFETY: fork has no memory-safety preconditions of its own; the child
+    // branch below calls only async-signal-safe functions on memory that was
+    // prepared before the fork, and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(fail(0, io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child; `child` points at memory
+        // that stays valid (the parent's copy is ours after the fork).
+        unsafe { child.exec() }
+    }
+    drop(err_write);
+    let pid = Pid::from_raw(pid);
+    let mut report = [0u8; 8];
+    let got = read_full(err_read, &mut report);
+    match got {
+        Ok(0) => Ok(pid),
+        Ok(8) => {
+            // The child failed before exec and is exiting: reap it here, so the
+            // supervisor's reaper never sees a process it did not know about.
+            let _ = nix::sys::wait::waitpid(pid, None);
+            let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]) as usize;
+            let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+            Err(fail(
+                step.min(STEPS.len() - 1),
+                io::Error::from_raw_os_error(errno),
+            ))
+        }
+        Ok(_) | Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(fail(0, io::Error::other("lost the child's exec report")))
+        }
+    }
+}
+
+fn read_full(fd: OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match nix::unistd::read(&fd, &mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done)
+}
+
+/// Raw pointers into memory prepared by the parent before the fork.
+struct ChildContext<'a> {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    env: *const *const libc::c_char,
+    listen_pid_slot: *mut u8,
+    sources: &'a [RawFd],
+    moved: *mut RawFd,
+    stdin: RawFd,
+    report: RawFd,
+    parent: libc::pid_t,
+}
+
+impl ChildContext<'_> {
+    /// Runs in the child between fork and exec.
+    ///
+    /// # Safety
+    ///
+    /// Call only in a freshly forked child. Every pointer must be valid.
+    unsafe fn exec(&self) -> ! {
+        let n = self.sources.len() as libc::c_int;
+        // The lowest descriptor that is not a target: 3 + number of fds.
+        let high = 3 + n;
+        // SAFETY: each call below is async-signal-safe (POSIX or Linux
+        // documented) and works on descriptors and memory prepared before the
+        // fork; `moved` has room for one entry per source.
+        unsafe {
+            // Own process group: a terminal's ^C reaches the supervisor only,
+            // which then drains the workers in order.
+            libc::setpgid(0, 0);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            // The Rust runtime ignores SIGPIPE; an ignored signal survives exec.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                self.fail(2);
+            }
+            // The supervisor may have died before the prctl took effect.
+            if libc::getppid() != self.parent {
+                self.fail(4);
+            }
+
+            // Move every source above the target range first, so no source is
+            // clobbered by an earlier dup2 and no dup2(fd, fd) leaves
+            // close-on-exec set.
+            for (i, &src) in self.sources.iter().enumerate() {
+                let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, high);
+                if fd < 0 {
+                    self.fail(1);
+                }
+                *self.moved.add(i) = fd;
+            }
+            let stdin = libc::fcntl(self.stdin, libc::F_DUPFD_CLOEXEC, high);
+            let report = libc::fcntl(self.report, libc::F_DUPFD_CLOEXEC, high);
+            if stdin < 0 || report < 0 {
+                self.fail(1);
+            }
+            for i in 0..self.sources.len() {
+                // dup2 onto a different descriptor clears close-on-exec.
+                if libc::dup2(*self.moved.add(i), 3 + i as libc::c_int) < 0 {
+                    self.fail_on(report, 1);
+                }
+            }
+            if libc::dup2(stdin, 0) < 0 {
+                self.fail_on(report, 1);
+            }
+            // Close everything above the targets except the report pipe (which
+            // is close-on-exec and closes itself at exec).
+            close_from_to(high, report - 1);
+            close_from_to(report + 1, libc::c_int::MAX);
+
+            let mut pid = libc::getpid() as u64;
+            let mut digits = [0u8; PID_DIGITS];
+            let mut len = 0;
+            loop {
+                digits[len] = b'0' + (pid % 10) as u8;
+                len += 1;
+                pid /= 10;
+                if pid == 0 {
+                    break;
+                }
+            }
+            let value = self.listen_pid_slot.add(b"LISTEN_PID=".len());
+            for i in 0..len {
+                *value.add(i) = digits[len - 1 - i];
+            }
+
+            libc::execve(self.path, self.argv, self.env);
+            self.fail_on(report, 3)
+        }
+    }
+
+    /// Reports `step` and errno on the original pipe and exits.
+    unsafe fn fail(&self, step: u32) -> ! {
+        // SAFETY: forwarded; same preconditions as `exec`.
+        unsafe { self.fail_on(self.report, step) }
+    }
+
+    /// Reports `step` and errno on `report` and exits.
+    unsafe fn fail_on(&self, report: RawFd, step: u32) -> ! {
+        // SAFETY: errno, write and _exit are async-signal-safe; the buffer is
+        // on this stack.
+        unsafe {
+            let errno = *libc::__errno_location();
+            let mut buf = [0u8; 8];
+            buf[..4].copy_from_slice(&step.to_ne_bytes());
+            buf[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(report, buf.as_ptr().cast(), buf.len());
+            libc::_exit(127)
+        }
+    }
+}
+
+/// Closes every descriptor in `first..=last`.
+///
+/// # Safety
+///
+/// Closes descriptors other code may own: only for a child about to exec.
+unsafe fn close_from_to(first: libc::c_int, last: libc::c_int) {
+    if first > last {
+        return;
+    }
+    // SAFETY: close_range is a plain syscall on integers.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            0 as libc::c_uint,
+        )
+    };
+    if done == 0 {
+        return;
+    }
+    // Kernels before 5.9: close one by one, up to a sane bound.
+    let last = last.min(65_535);
+    for fd in first..=last {
+        // SAFETY: close on any integer is safe; EBADF is ignored.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Takes ownership of descriptors the kernel just installed in this process
+/// through `SCM_RIGHTS` (on a notify socket, where they are closed at once).
+pub fn own_received(fds: &[RawFd]) -> Vec<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    fds.iter()
+        // SAFETY: the kernel installed these descriptors in this process as
+        // part of the datagram just received; nothing else refers to them.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
+
+/// Registers an owned descriptor with the tokio reactor.
+pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and
+    // is not reused for as long as it is registered.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into())
+}

@@ -1,0 +1,309 @@
+//! The worker protocol: what a worker and the baton supervisor say to each
+//! other on the worker channel, and how one message travels.
+//!
+//! The channel is a `SOCK_SEQPACKET` Unix socket, so every message is one
+//! packet: one JSON object (unknown fields are ignored, so a newer peer may
+//! add some; [`PROTOCOL_VERSION`] guards meaning), at most [`MAX_MESSAGE`] bytes, with any attached
+//! descriptors passed alongside it with `SCM_RIGHTS`. Received descriptors are
+//! close-on-exec from the moment they arrive (`MSG_CMSG_CLOEXEC`), and a packet
+//! whose data or descriptors were truncated is refused, never half-read.
+//!
+//! A conversation, as of [`PROTOCOL_VERSION`] 1:
+//!
+//! ```text
+//! worker                                   supervisor
+//!   | -- Hello { protocol, pid } ------------> |
+//!   | <----------- Welcome { generation, listeners } + one fd per listener
+//!   | -- Ready ------------------------------> |   (the generation may now serve)
+//!   | -- Status { text } --------------------> |   (any time, shown in `baton status`)
+//!   | <------------------- Drain { timeout_ms } |   (stop accepting, finish, exit)
+//! ```
+//!
+//! This module never blocks on its own: the send and receive functions are
+//! meant for non-blocking sockets driven by the caller's event loop, and they
+//! return `WouldBlock` like any non-blocking call.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{Deserialize, Serialize};
+
+/// The version of the worker protocol this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest message, in bytes, either side accepts on the channel.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The most descriptors one message may carry (the kernel's `SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
+
+/// The environment variable naming the worker's end of the channel.
+pub const CHANNEL_FD_ENV: &str = "BATON_CHANNEL_FD";
+
+/// The environment variable holding the worker's generation number.
+pub const GENERATION_ENV: &str = "BATON_GENERATION";
+
+/// What a worker sends to the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    /// The first message: the worker speaks the protocol.
+    Hello {
+        /// The protocol version the worker speaks.
+        protocol: u32,
+        /// The worker's process id, as it sees it.
+        pid: u32,
+    },
+    /// The worker can serve: the supervisor may drain the previous generation.
+    Ready,
+    /// A free-form status line, shown by `baton status`.
+    Status {
+        /// The status text, one line.
+        text: String,
+    },
+}
+
+/// What the supervisor sends to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SupervisorMessage {
+    /// The answer to `Hello`. Carries one descriptor per listener, in order.
+    Welcome {
+        /// The protocol version the supervisor speaks.
+        protocol: u32,
+        /// This worker's generation, 1 for the first.
+        generation: u64,
+        /// The listeners, in the order of the attached descriptors.
+        listeners: Vec<ListenerInfo>,
+    },
+    /// Stop accepting, finish in-flight work and exit. The supervisor kills
+    /// the worker once `timeout_ms` milliseconds have passed.
+    Drain {
+        /// How long the worker has before it is killed, in milliseconds.
+        timeout_ms: u64,
+    },
+}
+
+/// A listener as the supervisor describes it to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    /// The listener's name, as given by `--listen NAME=ADDR`.
+    pub name: String,
+    /// What kind of socket it is.
+    pub kind: ListenerKind,
+}
+
+/// The kinds of listener baton holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerKind {
+    /// A listening TCP socket, IPv4 or IPv6.
+    Tcp,
+    /// A bound UDP socket, IPv4 or IPv6.
+    Udp,
+    /// A listening Unix stream socket.
+    Unix,
+    /// A bound Unix datagram socket.
+    UnixDgram,
+}
+
+/// Why a message could not be sent or received.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The socket call itself failed (including `WouldBlock`).
+    #[error("worker channel: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed its end.
+    #[error("worker channel closed by the peer")]
+    Closed,
+    /// A packet was larger than [`MAX_MESSAGE`].
+    #[error("worker channel: message larger than {MAX_MESSAGE} bytes")]
+    TooLarge,
+    /// Descriptors attached to a packet did not fit and were dropped.
+    #[error("worker channel: message carried more than {MAX_FDS} descriptors")]
+    TooManyFds,
+    /// The packet was not a valid message of this protocol.
+    #[error("worker channel: malformed message {excerpt:?}: {source}")]
+    Malformed {
+        /// The start of the packet, for the error message.
+        excerpt: String,
+        /// What the JSON decoder said.
+        source: serde_json::Error,
+    },
+}
+
+impl ProtocolError {
+    /// Whether this is a `WouldBlock` from a non-blocking socket.
+    pub fn is_would_block(&self) -> bool {
+        matches!(self, ProtocolError::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Encodes `message` and sends it as one packet with `fds` attached.
+pub fn send<M: Serialize>(
+    channel: BorrowedFd<'_>,
+    message: &M,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), ProtocolError> {
+    let bytes = serde_json::to_vec(message).map_err(io::Error::other)?;
+    if bytes.len() > MAX_MESSAGE {
+        return Err(ProtocolError::TooLarge);
+    }
+    if fds.len() > MAX_FDS {
+        return Err(ProtocolError::TooManyFds);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+    let iov = [IoSlice::new(&bytes)];
+    loop {
+        match socket::sendmsg::<()>(
+            channel.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EPIPE) | Err(nix::errno::Errno::ECONNRESET) => {
+                return Err(ProtocolError::Closed)
+            }
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+    }
+}
+
+/// Receives one packet and decodes it, with the descriptors it carried
+/// (already close-on-exec).
+///
+/// Any descriptors that arrived are owned by the result, so they are closed
+/// when a malformed message is dropped.
+pub fn recv<M: for<'de> Deserialize<'de>>(
+    channel: BorrowedFd<'_>,
+) -> Result<(M, Vec<OwnedFd>), ProtocolError> {
+    let mut buf = vec![0u8; MAX_MESSAGE + 1];
+    let (len, fds) = recv_packet(channel, &mut buf)?;
+    let message = serde_json::from_slice(&buf[..len]).map_err(|source| {
+        let excerpt = String::from_utf8_lossy(&buf[..len.min(80)]).into_owned();
+        ProtocolError::Malformed { excerpt, source }
+    })?;
+    Ok((message, fds))
+}
+
+fn recv_packet(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<(usize, Vec<OwnedFd>), ProtocolError> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = loop {
+        match socket::recvmsg::<()>(
+            channel.as_fd().as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => break msg,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::ECONNRESET) => return Err(ProtocolError::Closed),
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+    };
+    // Own every descriptor first, so each one is closed on every error path.
+    let mut fds = Vec::new();
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                fds.extend(crate::sys::own_received(&raw));
+            }
+        }
+    }
+    let (bytes, flags) = (msg.bytes, msg.flags);
+    if flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(ProtocolError::TooManyFds);
+    }
+    if flags.contains(MsgFlags::MSG_TRUNC) || bytes > MAX_MESSAGE {
+        return Err(ProtocolError::TooLarge);
+    }
+    if bytes == 0 && fds.is_empty() {
+        return Err(ProtocolError::Closed);
+    }
+    Ok((bytes, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair")
+    }
+
+    #[test]
+    fn message_with_descriptors_round_trips() {
+        let (a, b) = pair();
+        let (x, _y) = pair();
+        let welcome = SupervisorMessage::Welcome {
+            protocol: PROTOCOL_VERSION,
+            generation: 7,
+            listeners: vec![ListenerInfo {
+                name: "http".into(),
+                kind: ListenerKind::Tcp,
+            }],
+        };
+        send(a.as_fd(), &welcome, &[x.as_fd()]).expect("send");
+        let (got, fds): (SupervisorMessage, _) = recv(b.as_fd()).expect("recv");
+        assert_eq!(got, welcome);
+        assert_eq!(fds.len(), 1);
+        let flags = nix::fcntl::fcntl(&fds[0], nix::fcntl::FcntlArg::F_GETFD).expect("F_GETFD");
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fd must be CLOEXEC");
+    }
+
+    #[test]
+    fn garbage_is_a_malformed_error_naming_the_bytes() {
+        let (a, b) = pair();
+        nix::unistd::write(&a, b"\x00\xffnot json").expect("write");
+        let err = recv::<WorkerMessage>(b.as_fd()).expect_err("garbage");
+        assert!(matches!(err, ProtocolError::Malformed { .. }), "{err}");
+        assert!(err.to_string().contains("not json"), "{err}");
+    }
+
+    #[test]
+    fn oversized_packets_are_refused() {
+        let (a, b) = pair();
+        let big = vec![b'x'; MAX_MESSAGE + 10];
+        nix::unistd::write(&a, &big).expect("write");
+        let err = recv::<WorkerMessage>(b.as_fd()).expect_err("too large");
+        assert!(matches!(err, ProtocolError::TooLarge), "{err}");
+    }
+
+    #[test]
+    fn unknown_types_are_malformed_and_unknown_fields_ignored() {
+        let (a, b) = pair();
+        // Newer peers may add fields; the protocol version guards meaning.
+        nix::unistd::write(&a, br#"{"type":"ready","extra":1}"#).expect("write");
+        let (msg, _) = recv::<WorkerMessage>(b.as_fd()).expect("extra field");
+        assert_eq!(msg, WorkerMessage::Ready);
+        nix::unistd::write(&a, br#"{"type":"explode"}"#).expect("write");
+        assert!(recv::<WorkerMessage>(b.as_fd()).is_err());
+    }
+
+    #[test]
+    fn closed_peer_is_reported() {
+        let (a, b) = pair();
+        drop(a);
+        assert!(matches!(
+            recv::<WorkerMessage>(b.as_fd()),
+            Err(ProtocolError::Closed)
+        ));
+    }
+}
