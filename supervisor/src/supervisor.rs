@@ -592,11 +592,7 @@ impl Supervisor {
                 self.begin_stop();
                 return;
             }
-            (Err(_), Purpose::Restart) => {
-                self.restart_delay = (self.restart_delay * 2).min(RESTART_MAX);
-                self.schedule_restart();
-            }
-            (Err(_), Purpose::Reload) => self.schedule_restart(),
+            (Err(_), Purpose::Restart | Purpose::Reload) => self.schedule_restart(),
         }
         self.start_queued();
     }
@@ -617,7 +613,9 @@ impl Supervisor {
             return;
         }
         self.restart_seq += 1;
+        // Each restart in a row waits twice as long as the one before.
         let delay = self.restart_delay;
+        self.restart_delay = (delay * 2).min(RESTART_MAX);
         tracing::info!(
             "restarting the worker in {}",
             humantime::format_duration(delay)
@@ -747,8 +745,6 @@ impl Supervisor {
                 let served = g.serving_since.map(|t| t.elapsed()).unwrap_or_default();
                 if served >= HEALTHY_FOR {
                     self.restart_delay = RESTART_MIN;
-                } else if served > Duration::ZERO {
-                    self.restart_delay = (self.restart_delay * 2).min(RESTART_MAX);
                 }
                 self.schedule_restart();
             }

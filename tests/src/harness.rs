@@ -1,0 +1,417 @@
+//! The test harness: runs the real `baton` binary and real workers, each test
+//! in its own temporary directory, and talks to baton over its real control
+//! socket.
+//!
+//! [`Baton`] is one running supervisor. Dropping it kills baton with SIGKILL
+//! (its workers follow through `PR_SET_PDEATHSIG`) and, if the test is
+//! failing, prints baton's log so the failure explains itself. Waiting is
+//! always for an event with a deadline: a reload's answer, a status change,
+//! a process exit. This module never sleeps to "let things settle".
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The Python worker used as "a plain worker in another language".
+pub fn pyworker() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workers/pyworker.py")
+}
+
+/// The directory holding the workspace's binaries for this build profile,
+/// built once per test process so `cargo test` alone is enough.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // The test binary lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("the test binary has a path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary lives in target/<profile>/deps")
+            .to_path_buf();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "baton",
+            "-p",
+            "baton-examples",
+            "--bins",
+        ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build for the binaries under test");
+        assert!(status.success(), "building baton and the examples failed");
+        dir
+    })
+}
+
+/// The path of a workspace binary (`baton`, or an example).
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Polls `check` until it returns `Some`, or panics naming `what` at the
+/// deadline. For conditions that no event announces (a status field).
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+/// One running `baton run`.
+pub struct Baton {
+    /// The test's own temporary directory (control socket, logs, files).
+    pub dir: tempfile::TempDir,
+    /// The control socket.
+    pub control: PathBuf,
+    child: Child,
+    log: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+/// How to start a baton.
+pub struct BatonBuilder {
+    dir: tempfile::TempDir,
+    options: Vec<OsString>,
+    command: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl BatonBuilder {
+    /// Adds `baton run` options.
+    pub fn args<I, S>(mut self, options: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.options.extend(options.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds one `baton run` option with its value.
+    pub fn option(mut self, flag: &str, value: impl Into<OsString>) -> Self {
+        self.options.push(flag.into());
+        self.options.push(value.into());
+        self
+    }
+
+    /// Sets the worker command.
+    pub fn worker<I, S>(mut self, command: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.command = command.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The Python worker, reading extra flags from `<dir>/flags` at each
+    /// start, so a test can make the next generation misbehave.
+    pub fn pyworker(self, flags: &str) -> Self {
+        let flags_file = self.dir.path().join("flags");
+        std::fs::write(&flags_file, flags).expect("writing the worker flags file");
+        let script = format!(
+            "exec python3 {} $(cat {})",
+            pyworker().display(),
+            flags_file.display()
+        );
+        self.worker(["sh", "-c", &script])
+    }
+
+    /// Sets an environment variable for baton (and so its workers).
+    pub fn env(mut self, key: &str, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The temporary directory this baton will use.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts baton; does not wait for the first generation.
+    pub fn spawn(self) -> Baton {
+        let control = self.dir.path().join("baton.sock");
+        let log = self.dir.path().join("baton.log");
+        let log_file = std::fs::File::create(&log).expect("creating the log file");
+        let mut cmd = Command::new(bin("baton"));
+        cmd.arg("run")
+            .arg("--control")
+            .arg(&control)
+            .args(&self.options)
+            .arg("--")
+            .args(&self.command)
+            .envs(self.env)
+            .env("BATON_LOG", "debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup of the log file"))
+            .stderr(log_file);
+        let child = cmd.spawn().expect("starting baton");
+        Baton {
+            dir: self.dir,
+            control,
+            child,
+            log,
+            exit: None,
+        }
+    }
+
+    /// Starts baton and waits until its first generation serves.
+    pub fn start(self) -> Baton {
+        let mut baton = self.spawn();
+        baton.wait_serving(1);
+        baton
+    }
+}
+
+impl Baton {
+    /// A builder with a fresh temporary directory.
+    pub fn builder() -> BatonBuilder {
+        BatonBuilder {
+            dir: tempfile::Builder::new()
+                .prefix("baton-test-")
+                .tempdir()
+                .expect("creating a temporary directory"),
+            options: Vec::new(),
+            command: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// baton's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything baton logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends one control request and returns the answer.
+    pub fn request(&self, request: &str) -> Value {
+        let mut stream = UnixStream::connect(&self.control).unwrap_or_else(|e| {
+            panic!(
+                "connecting to {}: {e}\nbaton log:\n{}",
+                self.control.display(),
+                self.log()
+            )
+        });
+        writeln!(stream, "{request}").expect("sending a control request");
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .expect("reading a control answer");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad control answer {line:?}: {e}"))
+    }
+
+    /// `baton status --json`, over the socket.
+    pub fn status(&self) -> Value {
+        self.request(r#"{"command":"status"}"#)
+    }
+
+    /// `baton reload --wait`, over the socket: the reload's outcome.
+    pub fn reload(&self) -> Value {
+        self.request(r#"{"command":"reload","wait":true}"#)
+    }
+
+    /// A reload that must succeed; returns the new generation.
+    pub fn reload_ok(&self) -> u64 {
+        let answer = self.reload();
+        assert_eq!(
+            answer["ok"],
+            Value::Bool(true),
+            "reload failed: {answer}\nbaton log:\n{}",
+            self.log()
+        );
+        answer["generation"].as_u64().expect("generation number")
+    }
+
+    /// Runs the `baton` client binary against this baton.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("baton"))
+            .args(args)
+            .arg("--control")
+            .arg(&self.control)
+            .output()
+            .expect("running the baton client")
+    }
+
+    /// The bound address of listener `name` (port 0 resolved).
+    pub fn address(&self, name: &str) -> String {
+        let status = self.status();
+        status["listeners"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+            .and_then(|l| l["address"].as_str())
+            .unwrap_or_else(|| panic!("no listener {name} in {status}"))
+            .to_owned()
+    }
+
+    /// The pid of generation `generation`'s worker, if it is alive.
+    pub fn worker_pid(&self, generation: u64) -> Option<i32> {
+        self.status()["generations"]
+            .as_array()?
+            .iter()
+            .find(|g| g["generation"] == generation)
+            .and_then(|g| g["pids"][0].as_i64())
+            .map(|p| p as i32)
+    }
+
+    /// Waits until generation `generation` serves; panics with the log if
+    /// baton exits first.
+    pub fn wait_serving(&mut self, generation: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "baton exited ({status}) before generation {generation} served\nlog:\n{}",
+                    self.log()
+                );
+            }
+            if UnixStream::connect(&self.control).is_ok()
+                && self.status()["generation"].as_u64() == Some(generation)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "generation {generation} not serving after 30s\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until only the serving generation is left (old ones drained).
+    pub fn wait_settled(&self) {
+        wait_for("old generations to exit", Duration::from_secs(30), || {
+            let s = self.status();
+            let all = s["generations"].as_array().map_or(0, Vec::len);
+            (all == 1 && s["reload_queued"] == false && s["generation"].is_u64()).then_some(())
+        });
+    }
+
+    /// Sends `signal` to baton itself.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
+            .expect("signalling baton");
+    }
+
+    /// baton's exit status, if it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().expect("waiting for baton");
+        }
+        self.exit
+    }
+
+    /// Waits for baton to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_for("baton to exit", timeout, || self.try_exit())
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- baton log ----\n{}\n-------------------", self.log());
+        }
+    }
+}
+
+/// A load running on its own runtime while the test thread drives baton.
+pub struct Load {
+    runtime: tokio::runtime::Runtime,
+    handle: Option<crate::load::LoadHandle>,
+}
+
+impl Load {
+    /// Starts `config` on two runtime threads of its own.
+    pub fn start(config: crate::load::LoadConfig) -> Load {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("building the load runtime");
+        let handle = runtime.block_on(async { crate::load::spawn(config) });
+        Load {
+            runtime,
+            handle: Some(handle),
+        }
+    }
+
+    /// A load of HTTP requests at baton's listener `name`.
+    pub fn http(
+        baton: &Baton,
+        name: &str,
+        configure: impl FnOnce(&mut crate::load::LoadConfig),
+    ) -> Load {
+        let addr = baton.address(name).parse().expect("a TCP listener address");
+        let mut config = crate::load::LoadConfig::new(crate::load::Target::Tcp(addr));
+        configure(&mut config);
+        Load::start(config)
+    }
+
+    /// The report so far.
+    pub fn report(&self) -> crate::load::LoadReport {
+        self.handle.as_ref().expect("load running").report()
+    }
+
+    /// Waits until `n` more requests have completed successfully.
+    pub fn wait_ok(&self, n: u64) {
+        let handle = self.handle.as_ref().expect("load running");
+        let target = handle.report().counts.ok + n;
+        self.runtime
+            .block_on(handle.wait_until(Duration::from_secs(30), |r| r.counts.ok >= target))
+            .unwrap_or_else(|e| panic!("waiting for {n} successful requests: {e}"));
+    }
+
+    /// Stops the load, lets requests in flight finish, returns the report.
+    pub fn finish(mut self) -> crate::load::LoadReport {
+        let handle = self.handle.take().expect("load running");
+        self.runtime.block_on(handle.stop())
+    }
+}
