@@ -109,9 +109,16 @@ pub struct BatonBuilder {
     options: Vec<OsString>,
     command: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    control: Option<PathBuf>,
 }
 
 impl BatonBuilder {
+    /// Puts the control socket at `path` instead of in the test's directory.
+    pub fn control(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control = Some(path.into());
+        self
+    }
+
     /// Adds `baton run` options.
     pub fn args<I, S>(mut self, options: I) -> Self
     where
@@ -165,7 +172,9 @@ impl BatonBuilder {
 
     /// Starts baton; does not wait for the first generation.
     pub fn spawn(self) -> Baton {
-        let control = self.dir.path().join("baton.sock");
+        let control = self
+            .control
+            .unwrap_or_else(|| self.dir.path().join("baton.sock"));
         let log = self.dir.path().join("baton.log");
         let log_file = std::fs::File::create(&log).expect("creating the log file");
         let mut cmd = Command::new(bin("baton"));
@@ -213,6 +222,7 @@ impl Baton {
             options: Vec::new(),
             command: Vec::new(),
             env: Vec::new(),
+            control: None,
         }
     }
 
