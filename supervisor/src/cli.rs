@@ -46,7 +46,7 @@ pub enum Command {
     ///
     /// Signals: HUP reloads; TERM and INT drain every generation and exit 0
     /// (a second TERM or INT kills them at once).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Start a new generation and retire the serving one once it is ready.
     Reload {
         /// Wait for the outcome: exit 0 once the new generation serves,
@@ -91,7 +91,9 @@ impl ControlArg {
 pub struct RunArgs {
     /// A listening socket to hold, as NAME=ADDR; repeatable. ADDR is
     /// tcp://HOST:PORT (HOST may be [IPv6]), udp://HOST:PORT, unix:PATH
-    /// (stream) or unix-dgram:PATH. Workers see them at fds 3.. in this order.
+    /// (stream), unix-dgram:PATH, or `systemd` to adopt the socket systemd
+    /// passed under that name (FileDescriptorName=). Workers see them at
+    /// fds 3.. in this order.
     #[arg(long = "listen", value_name = "NAME=ADDR")]
     pub listen: Vec<ListenSpec>,
     #[command(flatten)]
@@ -115,6 +117,27 @@ pub struct RunArgs {
     /// for one to exit.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_draining: u16,
+    /// Reload when files under PATH change (a file, or a directory watched
+    /// recursively); repeatable. `.git/`, `target/` and editor scratch files
+    /// are ignored.
+    #[arg(long, value_name = "PATH")]
+    pub watch: Vec<PathBuf>,
+    /// With --watch: a burst of changes gives one reload once no change has
+    /// come for this long.
+    #[arg(long, value_name = "DUR", default_value = "300ms", value_parser = parse_duration)]
+    pub debounce: Duration,
+    /// A shell command run before every reload (and the first start), like
+    /// "cargo build --release". If it fails, the serving generation stays and
+    /// the failure, with the end of its output, shows in `baton status`.
+    #[arg(long, value_name = "CMD")]
+    pub build: Option<String>,
+    /// Run workers (and --build) as this user, with its groups; baton binds
+    /// the listeners first, so they may be privileged ports. Needs root.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Run workers with this primary group (default: the user's).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
     /// The worker command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -155,6 +178,7 @@ pub fn parse_signal(s: &str) -> Result<Signal, String> {
 pub async fn execute(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Run(args) => {
+            let args = *args;
             let command = WorkerCommand {
                 program: args.command[0].clone(),
                 argv: args.command.clone(),
@@ -168,6 +192,11 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 drain_signal: args.drain_signal,
                 drain_timeout: args.drain_timeout,
                 max_draining: usize::from(args.max_draining),
+                watch: args.watch,
+                debounce: args.debounce,
+                build: args.build,
+                user: args.user,
+                group: args.group,
             })
             .await
         }

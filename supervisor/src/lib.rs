@@ -13,6 +13,7 @@
 //!   `sys` holds the fork/exec, the crate's only unsafe code.
 //! * [`notify`]: sd_notify, from workers and to systemd.
 //! * [`control`]: the control socket behind `baton reload|status|stop`.
+//! * [`watch`]: `--watch`, file changes debounced into reload triggers.
 //! * [`cli`]: the command line and the client commands.
 //!
 //! The binary (`main.rs`) only parses arguments and maps errors to exit codes.
@@ -24,6 +25,7 @@ pub mod notify;
 pub mod spawn;
 pub mod supervisor;
 mod sys;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -41,6 +43,15 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// A `--listen NAME=systemd` cannot be adopted.
+    #[error("{0}")]
+    Activation(String),
+    /// `--user`/`--group` cannot be used.
+    #[error("{0}")]
+    User(String),
+    /// `--watch` cannot be set up.
+    #[error("{0}")]
+    Watch(String),
     /// The worker command cannot be run.
     #[error("worker command `{command}`: {reason}")]
     Command {

@@ -1,7 +1,8 @@
 //! Listeners: parsing `--listen NAME=ADDR` and binding the sockets the
 //! supervisor keeps for its whole life.
 //!
-//! A [`Listener`] owns the supervisor's descriptor of one kernel socket.
+//! A [`Listener`] owns the supervisor's descriptor of one kernel socket,
+//! bound here or adopted from systemd socket activation (`NAME=systemd`).
 //! Workers get duplicates; this descriptor is closed only when the supervisor
 //! exits, so the socket's accept queue survives every reload, crash and
 //! restart of a worker. This module never changes a socket after binding it
@@ -43,17 +44,8 @@ pub enum ListenAddr {
     Unix(PathBuf),
     /// `unix-dgram:PATH`
     UnixDgram(PathBuf),
-}
-
-impl ListenAddr {
-    fn kind(&self) -> ListenerKind {
-        match self {
-            ListenAddr::Tcp(_) => ListenerKind::Tcp,
-            ListenAddr::Udp(_) => ListenerKind::Udp,
-            ListenAddr::Unix(_) => ListenerKind::Unix,
-            ListenAddr::UnixDgram(_) => ListenerKind::UnixDgram,
-        }
-    }
+    /// `systemd`: adopted from socket activation, by its `FileDescriptorName=`
+    Systemd,
 }
 
 impl fmt::Display for ListenAddr {
@@ -63,6 +55,7 @@ impl fmt::Display for ListenAddr {
             ListenAddr::Udp(a) => write!(f, "udp://{a}"),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             ListenAddr::UnixDgram(p) => write!(f, "unix-dgram:{}", p.display()),
+            ListenAddr::Systemd => write!(f, "systemd"),
         }
     }
 }
@@ -73,7 +66,7 @@ impl std::str::FromStr for ListenSpec {
     /// Parses `NAME=ADDR`; the error says what is wrong and what is expected.
     fn from_str(spec: &str) -> Result<ListenSpec, String> {
         const FORMS: &str = "expected NAME=ADDR with ADDR one of tcp://HOST:PORT, \
-                             udp://HOST:PORT, unix:PATH, unix-dgram:PATH";
+                             udp://HOST:PORT, unix:PATH, unix-dgram:PATH, systemd";
         let (name, addr) = spec
             .split_once('=')
             .ok_or_else(|| format!("{spec:?}: missing `=`; {FORMS}"))?;
@@ -89,7 +82,9 @@ impl std::str::FromStr for ListenSpec {
                  (it travels in LISTEN_FDNAMES)"
             ));
         }
-        let addr = if let Some(rest) = addr.strip_prefix("tcp://") {
+        let addr = if addr == "systemd" {
+            ListenAddr::Systemd
+        } else if let Some(rest) = addr.strip_prefix("tcp://") {
             ListenAddr::Tcp(parse_host_port(rest).map_err(|e| format!("{spec:?}: {e}"))?)
         } else if let Some(rest) = addr.strip_prefix("udp://") {
             ListenAddr::Udp(parse_host_port(rest).map_err(|e| format!("{spec:?}: {e}"))?)
@@ -149,6 +144,8 @@ pub struct Listener {
     pub name: String,
     /// What was asked for.
     pub spec: ListenAddr,
+    /// What kind of socket it is.
+    pub kind: ListenerKind,
     /// Where it is actually bound (a port-0 request shows its real port).
     pub bound: String,
     /// The supervisor's own descriptor.
@@ -158,35 +155,65 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `spec`, with a clear error naming the listener and the address.
-    pub fn bind(spec: &ListenSpec) -> Result<Listener, Error> {
+    /// Binds `spec` (or adopts it from `activated`), with a clear error
+    /// naming the listener and the address.
+    pub fn bind(spec: &ListenSpec, activated: &mut Activated) -> Result<Listener, Error> {
         let bind_err = |source: std::io::Error| Error::Bind {
             name: spec.name.clone(),
             addr: spec.addr.to_string(),
             source,
         };
-        let (socket, unlink) = match &spec.addr {
-            ListenAddr::Tcp(addr) => (bind_inet(*addr, Type::STREAM).map_err(bind_err)?, None),
-            ListenAddr::Udp(addr) => (bind_inet(*addr, Type::DGRAM).map_err(bind_err)?, None),
+        let (socket, kind, unlink) = match &spec.addr {
+            ListenAddr::Tcp(addr) => (
+                bind_inet(*addr, Type::STREAM).map_err(bind_err)?,
+                ListenerKind::Tcp,
+                None,
+            ),
+            ListenAddr::Udp(addr) => (
+                bind_inet(*addr, Type::DGRAM).map_err(bind_err)?,
+                ListenerKind::Udp,
+                None,
+            ),
             ListenAddr::Unix(path) => (
                 bind_unix(path, Type::STREAM).map_err(bind_err)?,
+                ListenerKind::Unix,
                 Some(path.clone()),
             ),
             ListenAddr::UnixDgram(path) => (
                 bind_unix(path, Type::DGRAM).map_err(bind_err)?,
+                ListenerKind::UnixDgram,
                 Some(path.clone()),
             ),
+            ListenAddr::Systemd => {
+                let socket = activated.take(&spec.name)?;
+                let kind = kind_of(&socket).map_err(|reason| {
+                    Error::Activation(format!(
+                        "the socket systemd passed as `{}` {reason}",
+                        spec.name
+                    ))
+                })?;
+                (socket, kind, None)
+            }
         };
-        let bound = match (
-            &spec.addr,
-            socket.local_addr().ok().and_then(|a| a.as_socket()),
-        ) {
-            (ListenAddr::Tcp(_) | ListenAddr::Udp(_), Some(addr)) => addr.to_string(),
-            (other, _) => other.to_string(),
+        let local = socket.local_addr().ok();
+        let bound = match (local.as_ref().and_then(|a| a.as_socket()), &spec.addr) {
+            (Some(addr), ListenAddr::Systemd) => format!("{addr} (from systemd)"),
+            (Some(addr), _) => addr.to_string(),
+            (None, ListenAddr::Systemd) => {
+                let path = local
+                    .as_ref()
+                    .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+                match path {
+                    Some(p) => format!("{} (from systemd)", p.display()),
+                    None => "systemd".to_owned(),
+                }
+            }
+            (None, other) => other.to_string(),
         };
         Ok(Listener {
             name: spec.name.clone(),
             spec: spec.addr.clone(),
+            kind,
             bound,
             fd: socket.into(),
             unlink_on_exit: unlink,
@@ -197,7 +224,7 @@ impl Listener {
     pub fn info(&self) -> ListenerInfo {
         ListenerInfo {
             name: self.name.clone(),
-            kind: self.spec.kind(),
+            kind: self.kind,
         }
     }
 }
@@ -207,6 +234,122 @@ impl Drop for Listener {
         if let Some(path) = &self.unlink_on_exit {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// What kind of listener an adopted socket is, or why it cannot be one.
+fn kind_of(socket: &Socket) -> Result<ListenerKind, String> {
+    let what = |e: std::io::Error| format!("cannot be inspected: {e}");
+    let domain = socket.domain().map_err(what)?;
+    let ty = socket.r#type().map_err(what)?;
+    let kind = match (domain, ty) {
+        (Domain::IPV4 | Domain::IPV6, Type::STREAM) => ListenerKind::Tcp,
+        (Domain::IPV4 | Domain::IPV6, Type::DGRAM) => ListenerKind::Udp,
+        (Domain::UNIX, Type::STREAM) => ListenerKind::Unix,
+        (Domain::UNIX, Type::DGRAM) => ListenerKind::UnixDgram,
+        (domain, ty) => {
+            return Err(format!(
+                "is a {domain:?} {ty:?} socket; baton hands over TCP, UDP, Unix stream and \
+                 Unix datagram sockets"
+            ))
+        }
+    };
+    if ty == Type::STREAM && !socket.is_listener().map_err(what)? {
+        return Err(
+            "is a stream socket that is not listening (use ListenStream=, \
+                    not Accept=yes)"
+                .into(),
+        );
+    }
+    Ok(kind)
+}
+
+/// The sockets systemd passed to baton (`LISTEN_FDS`), waiting to be adopted
+/// by name. Whatever is not adopted is closed when this is dropped.
+#[derive(Debug, Default)]
+pub struct Activated {
+    /// `LISTEN_FDNAMES` with each descriptor; `None` once adopted.
+    fds: Vec<(String, Option<OwnedFd>)>,
+    /// Why there are none, for the error message.
+    absent: Option<String>,
+}
+
+impl Activated {
+    /// Takes over the sockets systemd passed, if `LISTEN_PID` names this
+    /// process, and removes `LISTEN_*` from the environment so nothing
+    /// started later mistakes them for its own.
+    pub fn from_env() -> Activated {
+        let pid = std::env::var("LISTEN_PID").ok();
+        let count = std::env::var("LISTEN_FDS").ok();
+        let names = std::env::var("LISTEN_FDNAMES").ok();
+        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            // baton is still single-threaded here: no one reads the
+            // environment concurrently.
+            std::env::remove_var(var);
+        }
+        let me = std::process::id().to_string();
+        let absent = |why: String| Activated {
+            fds: Vec::new(),
+            absent: Some(why),
+        };
+        let Some(count) = count else {
+            return absent("baton was not socket-activated (LISTEN_FDS is not set)".into());
+        };
+        match pid {
+            Some(pid) if pid == me => {}
+            Some(pid) => {
+                return absent(format!(
+                    "LISTEN_PID is {pid}, not baton's pid {me}: the sockets were meant for \
+                     another process"
+                ))
+            }
+            None => return absent("LISTEN_FDS is set but LISTEN_PID is not".into()),
+        }
+        let Ok(count) = count.parse::<usize>() else {
+            return absent(format!("LISTEN_FDS is {count:?}, not a number"));
+        };
+        let names: Vec<String> = match names {
+            Some(n) => n.split(':').map(str::to_owned).collect(),
+            None => Vec::new(),
+        };
+        let fds = crate::sys::adopt_activated(count)
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                let name = names.get(i).cloned().unwrap_or_else(|| "unknown".into());
+                (name, Some(fd))
+            })
+            .collect();
+        Activated { fds, absent: None }
+    }
+
+    /// Takes the socket systemd passed under `name`.
+    fn take(&mut self, name: &str) -> Result<Socket, Error> {
+        if let Some(why) = &self.absent {
+            return Err(Error::Activation(format!("--listen {name}=systemd: {why}")));
+        }
+        let known: Vec<&str> = self.fds.iter().map(|(n, _)| n.as_str()).collect();
+        let known = known.join(", ");
+        let slot = self
+            .fds
+            .iter_mut()
+            .find(|(n, fd)| n == name && fd.is_some());
+        match slot.and_then(|(_, fd)| fd.take()) {
+            Some(fd) => Ok(Socket::from(fd)),
+            None => Err(Error::Activation(format!(
+                "--listen {name}=systemd: systemd passed no socket named `{name}` \
+                 (LISTEN_FDNAMES has: {known}); set FileDescriptorName={name} in the .socket unit"
+            ))),
+        }
+    }
+
+    /// Names of passed sockets nobody adopted (they are closed).
+    pub fn unused(&self) -> Vec<String> {
+        self.fds
+            .iter()
+            .filter(|(_, fd)| fd.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 }
 
@@ -293,6 +436,7 @@ mod tests {
             parse("d=unix-dgram:/run/d.sock").unwrap().addr,
             ListenAddr::UnixDgram("/run/d.sock".into())
         );
+        assert_eq!(parse("web=systemd").unwrap().addr, ListenAddr::Systemd);
     }
 
     #[test]

@@ -5,12 +5,16 @@
 //! `NOTIFY_SOCKET`, its end of the worker channel (`BATON_CHANNEL_FD`, right
 //! after the listeners) and `BATON_GENERATION`. It inherits no other
 //! descriptor, and none of the `LISTEN_*`/`NOTIFY_SOCKET` variables baton
-//! itself received. The fork and exec live in `sys.rs`; this module prepares
-//! what they need and never waits for the worker.
+//! itself received. With `--user`/`--group` it runs as that user, with its
+//! supplementary groups, and `USER`, `LOGNAME`, `HOME` set for it. The
+//! `--build` command is started here too (same user, output to a pipe).
+//! The fork and exec live in `sys.rs`; this module prepares what they need
+//! and never waits for a child: the supervisor's reaper does.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::chown;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -20,7 +24,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 
 use crate::listener::Listener;
-use crate::sys;
+use crate::sys::{self, Credentials};
 use crate::Error;
 
 /// Variables baton sets for each worker, or must not pass through.
@@ -85,93 +89,263 @@ pub struct Spawned {
     pub notify_path: PathBuf,
 }
 
-/// Starts generation `generation` of `command` on `listeners`.
-///
-/// `run_dir` is the supervisor's private directory for notify sockets;
-/// `stdin` is an open `/dev/null`.
-pub fn spawn(
-    command: &WorkerCommand,
-    generation: u64,
-    listeners: &[Listener],
-    run_dir: &Path,
-    stdin: BorrowedFd<'_>,
-) -> Result<Spawned, Error> {
-    let program = command.resolve()?;
-    let io = |what: &str, source: std::io::Error| Error::Io {
-        context: format!("starting generation {generation}: {what}"),
-        source,
-    };
-    let notify_path = run_dir.join(format!("notify-{generation}.sock"));
-    let _ = std::fs::remove_file(&notify_path);
-    let notify =
-        UnixDatagram::bind(&notify_path).map_err(|e| io("binding its notify socket", e))?;
-    notify
-        .set_nonblocking(true)
-        .map_err(|e| io("configuring its notify socket", e))?;
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-    )
-    .map_err(|e| io("creating its channel", e.into()))?;
-    // The worker's end starts blocking, as a fresh socket would; O_NONBLOCK
-    // belongs to each end separately.
-    nix::fcntl::fcntl(
-        &theirs,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-    )
-    .map_err(|e| io("configuring its channel", e.into()))?;
+/// The user workers run as (`--user`, `--group`), resolved at start-up.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    credentials: Credentials,
+    /// `USER`, `LOGNAME`, `HOME` for the worker, when a user was given.
+    env: Vec<(String, OsString)>,
+}
 
-    let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|l| l.fd.as_fd()).collect();
-    let channel_fd = 3 + fds.len();
-    fds.push(theirs.as_fd());
-
-    let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
-    let mut env: Vec<CString> = std::env::vars_os()
-        .filter(|(k, _)| !OWN_VARS.iter().any(|own| OsStr::new(own) == k))
-        .filter_map(|(k, v)| {
-            let mut kv = k.into_vec();
-            kv.push(b'=');
-            kv.extend(v.into_vec());
-            CString::new(kv).ok()
-        })
-        .collect();
-    let mut set = |k: &str, v: &[u8]| {
-        let mut kv = format!("{k}=").into_bytes();
-        kv.extend_from_slice(v);
-        if let Ok(c) = CString::new(kv) {
-            env.push(c);
+impl RunAs {
+    /// Resolves `--user` and `--group`; `None` when neither is given.
+    /// Refuses unless baton runs as root, and names what it cannot find.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, Error> {
+        use nix::unistd::{Group, User};
+        if user.is_none() && group.is_none() {
+            return Ok(None);
         }
-    };
-    set("LISTEN_FDS", listeners.len().to_string().as_bytes());
-    set("LISTEN_FDNAMES", names.join(":").as_bytes());
-    set("NOTIFY_SOCKET", notify_path.as_os_str().as_bytes());
-    set(CHANNEL_FD_ENV, channel_fd.to_string().as_bytes());
-    set(GENERATION_ENV, generation.to_string().as_bytes());
+        let bad = |reason: String| Error::User(reason);
+        if !nix::unistd::geteuid().is_root() {
+            return Err(bad(format!(
+                "--user and --group need baton to start as root (it runs as uid {})",
+                nix::unistd::geteuid()
+            )));
+        }
+        let group = match group {
+            None => None,
+            Some(name) => Some(match name.parse::<u32>() {
+                Ok(gid) => nix::unistd::Gid::from_raw(gid),
+                Err(_) => {
+                    Group::from_name(name)
+                        .map_err(|e| bad(format!("--group {name}: looking it up: {e}")))?
+                        .ok_or_else(|| bad(format!("--group {name}: no such group")))?
+                        .gid
+                }
+            }),
+        };
+        let Some(name) = user else {
+            let gid = group.unwrap_or_else(nix::unistd::getgid);
+            return Ok(Some(RunAs {
+                credentials: Credentials {
+                    uid: nix::unistd::getuid().as_raw(),
+                    gid: gid.as_raw(),
+                    groups: vec![gid.as_raw()],
+                },
+                env: Vec::new(),
+            }));
+        };
+        let found = match name.parse::<u32>() {
+            Ok(uid) => User::from_uid(nix::unistd::Uid::from_raw(uid)),
+            Err(_) => User::from_name(name),
+        }
+        .map_err(|e| bad(format!("--user {name}: looking it up: {e}")))?
+        .ok_or_else(|| bad(format!("--user {name}: no such user")))?;
+        let gid = group.unwrap_or(found.gid);
+        let cname = CString::new(found.name.clone())
+            .map_err(|_| bad(format!("--user {name}: the name contains a NUL byte")))?;
+        let groups = nix::unistd::getgrouplist(&cname, gid)
+            .map_err(|e| bad(format!("--user {name}: listing its groups: {e}")))?;
+        Ok(Some(RunAs {
+            credentials: Credentials {
+                uid: found.uid.as_raw(),
+                gid: gid.as_raw(),
+                groups: groups.iter().map(|g| g.as_raw()).collect(),
+            },
+            env: vec![
+                ("USER".into(), found.name.clone().into()),
+                ("LOGNAME".into(), found.name.into()),
+                ("HOME".into(), found.dir.into_os_string()),
+            ],
+        }))
+    }
 
-    let cstr = |s: &OsStr| {
+    /// Who, for the log.
+    pub fn describe(&self) -> String {
+        format!("uid {} gid {}", self.credentials.uid, self.credentials.gid)
+    }
+}
+
+/// What every start shares: the worker command, the private directory for
+/// notify sockets, `/dev/null` for stdin, and the user to run as.
+#[derive(Debug)]
+pub struct Launcher {
+    /// The worker command.
+    pub command: WorkerCommand,
+    run_dir: tempfile::TempDir,
+    dev_null: OwnedFd,
+    run_as: Option<RunAs>,
+}
+
+impl Launcher {
+    /// Creates the private directory (under `parent`) and opens `/dev/null`.
+    pub fn new(
+        command: WorkerCommand,
+        parent: &Path,
+        run_as: Option<RunAs>,
+    ) -> Result<Launcher, Error> {
+        let io = |context: &str, source: std::io::Error| Error::Io {
+            context: context.to_owned(),
+            source,
+        };
+        command.resolve()?;
+        let run_dir = tempfile::Builder::new()
+            .prefix("baton-")
+            .tempdir_in(parent)
+            .map_err(|e| io("creating baton's runtime directory", e))?;
+        if run_as.is_some() {
+            // Workers of another user must reach their notify socket: they
+            // may traverse the directory, not list or change it.
+            std::fs::set_permissions(run_dir.path(), std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| io("opening baton's runtime directory to workers", e))?;
+        }
+        let dev_null: OwnedFd = std::fs::File::open("/dev/null")
+            .map_err(|e| io("opening /dev/null", e))?
+            .into();
+        Ok(Launcher {
+            command,
+            run_dir,
+            dev_null,
+            run_as,
+        })
+    }
+
+    /// Starts generation `generation` of the worker on `listeners`.
+    pub fn worker(&self, generation: u64, listeners: &[Listener]) -> Result<Spawned, Error> {
+        let program = self.command.resolve()?;
+        let io = |what: &str, source: std::io::Error| Error::Io {
+            context: format!("starting generation {generation}: {what}"),
+            source,
+        };
+        let notify_path = self
+            .run_dir
+            .path()
+            .join(format!("notify-{generation}.sock"));
+        let _ = std::fs::remove_file(&notify_path);
+        let notify =
+            UnixDatagram::bind(&notify_path).map_err(|e| io("binding its notify socket", e))?;
+        notify
+            .set_nonblocking(true)
+            .map_err(|e| io("configuring its notify socket", e))?;
+        if let Some(run_as) = &self.run_as {
+            let c = &run_as.credentials;
+            chown(&notify_path, Some(c.uid), Some(c.gid))
+                .map_err(|e| io("giving its notify socket to the worker's user", e))?;
+        }
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )
+        .map_err(|e| io("creating its channel", e.into()))?;
+        // The worker's end starts blocking, as a fresh socket would; O_NONBLOCK
+        // belongs to each end separately.
+        nix::fcntl::fcntl(
+            &theirs,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .map_err(|e| io("configuring its channel", e.into()))?;
+
+        let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let channel_fd = 3 + fds.len();
+        fds.push(theirs.as_fd());
+
+        let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        let mut env = self.base_env();
+        let mut set = |k: &str, v: &[u8]| {
+            let mut kv = format!("{k}=").into_bytes();
+            kv.extend_from_slice(v);
+            if let Ok(c) = CString::new(kv) {
+                env.push(c);
+            }
+        };
+        set("LISTEN_FDS", listeners.len().to_string().as_bytes());
+        set("LISTEN_FDNAMES", names.join(":").as_bytes());
+        set("NOTIFY_SOCKET", notify_path.as_os_str().as_bytes());
+        set(CHANNEL_FD_ENV, channel_fd.to_string().as_bytes());
+        set(GENERATION_ENV, generation.to_string().as_bytes());
+
+        let argv = self
+            .command
+            .argv
+            .iter()
+            .map(|a| self.cstr(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let plan = sys::ExecPlan::new(self.cstr(program.as_os_str())?, argv, env)
+            .with_listen_pid()
+            .with_credentials(self.run_as.as_ref().map(|r| r.credentials.clone()));
+        let pid =
+            sys::spawn(&plan, &fds, self.dev_null.as_fd(), None).map_err(|f| Error::Spawn {
+                command: program.display().to_string(),
+                step: f.step,
+                source: f.error,
+            })?;
+        drop(theirs);
+        Ok(Spawned {
+            pid,
+            channel: ours,
+            notify,
+            notify_path,
+        })
+    }
+
+    /// Starts `sh -c SCRIPT` (the `--build` command) with stdout and stderr
+    /// on `output`, as the workers' user, with no listener and no
+    /// `LISTEN_*`.
+    pub fn build(&self, script: &str, output: BorrowedFd<'_>) -> Result<Pid, Error> {
+        let err = |reason: &str| Error::Command {
+            command: script.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let sh = CString::new("/bin/sh").map_err(|_| err("bad shell path"))?;
+        let argv = vec![
+            sh.clone(),
+            CString::new("-c").map_err(|_| err("bad argument"))?,
+            CString::new(script).map_err(|_| err("the command contains a NUL byte"))?,
+        ];
+        let plan = sys::ExecPlan::new(sh, argv, self.base_env())
+            .with_credentials(self.run_as.as_ref().map(|r| r.credentials.clone()));
+        sys::spawn(&plan, &[], self.dev_null.as_fd(), Some(output)).map_err(|f| Error::Spawn {
+            command: format!("/bin/sh -c {script:?}"),
+            step: f.step,
+            source: f.error,
+        })
+    }
+
+    /// Removes a gone worker's notify socket.
+    pub fn forget(&self, notify_path: &Path) {
+        let _ = std::fs::remove_file(notify_path);
+    }
+
+    /// baton's environment without the variables it sets itself, plus the
+    /// user's `USER`, `LOGNAME` and `HOME` under `--user`.
+    fn base_env(&self) -> Vec<CString> {
+        let user_vars: &[(String, OsString)] = self.run_as.as_ref().map_or(&[], |r| &r.env);
+        let overridden = |k: &OsStr| {
+            OWN_VARS.iter().any(|own| OsStr::new(own) == k)
+                || user_vars.iter().any(|(u, _)| OsStr::new(u) == k)
+        };
+        std::env::vars_os()
+            .filter(|(k, _)| !overridden(k))
+            .chain(
+                user_vars
+                    .iter()
+                    .map(|(k, v)| (OsString::from(k), v.clone())),
+            )
+            .filter_map(|(k, v)| {
+                let mut kv = k.into_vec();
+                kv.push(b'=');
+                kv.extend(v.into_vec());
+                CString::new(kv).ok()
+            })
+            .collect()
+    }
+
+    fn cstr(&self, s: &OsStr) -> Result<CString, Error> {
         CString::new(s.as_bytes()).map_err(|_| Error::Command {
-            command: command.program.to_string_lossy().into_owned(),
+            command: self.command.program.to_string_lossy().into_owned(),
             reason: "an argument contains a NUL byte".into(),
         })
-    };
-    let argv = command
-        .argv
-        .iter()
-        .map(|a| cstr(a))
-        .collect::<Result<Vec<_>, _>>()?;
-    let plan = sys::ExecPlan::new(cstr(program.as_os_str())?, argv, env);
-    let pid = sys::spawn(&plan, &fds, stdin).map_err(|f| Error::Spawn {
-        command: program.display().to_string(),
-        step: f.step,
-        source: f.error,
-    })?;
-    drop(theirs);
-    Ok(Spawned {
-        pid,
-        channel: ours,
-        notify,
-        notify_path,
-    })
+    }
 }

@@ -31,9 +31,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{self, ControlSocket, Request};
-use crate::listener::{ListenSpec, Listener};
+use crate::listener::{Activated, ListenSpec, Listener};
 use crate::notify::{self, NotifyMessage, Systemd};
-use crate::spawn::{self, WorkerCommand};
+use crate::spawn::{Launcher, RunAs, WorkerCommand};
+use crate::watch;
 use crate::Error;
 
 /// How a plain worker (one that does not notify) is judged ready.
@@ -64,6 +65,16 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How many old generations may drain at once; further reloads wait.
     pub max_draining: usize,
+    /// Paths whose changes trigger a reload (`--watch`).
+    pub watch: Vec<PathBuf>,
+    /// Quiet time that ends a burst of file changes (`--debounce`).
+    pub debounce: Duration,
+    /// A shell command run before every reload; if it fails, no reload.
+    pub build: Option<String>,
+    /// `--user`: run workers (and the build) as this user.
+    pub user: Option<String>,
+    /// `--group`: run workers (and the build) with this group.
+    pub group: Option<String>,
 }
 
 /// Something the loop reacts to. Every source of change sends one of these.
@@ -102,6 +113,18 @@ pub enum Event {
         generation: u64,
         /// Which deadline.
         timer: Timer,
+    },
+    /// Watched files changed (after the debounce).
+    FilesChanged {
+        /// What changed, deduplicated.
+        paths: Vec<PathBuf>,
+    },
+    /// The `--build` command's output ended (it exited, or closed it).
+    BuildOutput {
+        /// The generation the build was for.
+        generation: u64,
+        /// The last lines it printed.
+        tail: String,
     },
     /// The back-off after a crash is over; `seq` tells stale ones apart.
     RestartDue {
@@ -176,13 +199,27 @@ struct Generation {
     tasks: Vec<tokio::task::AbortHandle>,
 }
 
-/// The reload (or start, or restart) whose generation is starting.
+/// The reload (or start, or restart) in progress: building, or its
+/// generation starting.
 #[derive(Debug)]
 struct InFlight {
     generation: u64,
     purpose: Purpose,
     started: Instant,
     waiters: Vec<oneshot::Sender<Value>>,
+    /// The `--build` command, while it runs; the generation is started once
+    /// it has succeeded.
+    build: Option<Build>,
+}
+
+/// A running `--build` command. It is over when both its exit and the end of
+/// its output have been seen.
+#[derive(Debug)]
+struct Build {
+    pid: Pid,
+    started: Instant,
+    exit: Option<Result<(), String>>,
+    tail: Option<String>,
 }
 
 /// How the last reload ended, for `status` and `reload --wait`.
@@ -198,8 +235,7 @@ struct ReloadResult {
 struct Supervisor {
     config: Config,
     listeners: Vec<Listener>,
-    run_dir: tempfile::TempDir,
-    dev_null: OwnedFd,
+    launcher: Launcher,
     /// The loop's own sender, cloned into every task it starts.
     events: mpsc::Sender<Event>,
     systemd: Systemd,
@@ -232,30 +268,36 @@ const HEALTHY_FOR: Duration = Duration::from_secs(10);
 /// Runs `baton run` to the end: binds, starts generation 1, serves events
 /// until stopped. Returns an error if the first generation never serves.
 pub async fn run(config: Config) -> Result<(), Error> {
+    let mut activated = Activated::from_env();
     let listeners = config
         .listeners
         .iter()
-        .map(Listener::bind)
+        .map(|spec| Listener::bind(spec, &mut activated))
         .collect::<Result<Vec<_>, _>>()?;
-    config.command.resolve()?;
+    let unused = activated.unused();
+    if !unused.is_empty() {
+        tracing::warn!(
+            "systemd passed sockets no --listen NAME=systemd asks for: {}; closing them",
+            unused.join(", ")
+        );
+    }
+    drop(activated);
+    let run_as = RunAs::resolve(config.user.as_deref(), config.group.as_deref())?;
     let mut control = ControlSocket::bind(&config.control)?;
     let io = |context: &str, source: std::io::Error| Error::Io {
         context: context.to_owned(),
         source,
     };
-    let run_dir = tempfile::Builder::new()
-        .prefix("baton-")
-        .tempdir_in(
-            control
-                .path()
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(std::path::Path::new(".")),
-        )
-        .map_err(|e| io("creating baton's runtime directory", e))?;
-    let dev_null: OwnedFd = std::fs::File::open("/dev/null")
-        .map_err(|e| io("opening /dev/null", e))?
-        .into();
+    let run_parent = control
+        .path()
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    if let Some(r) = &run_as {
+        tracing::info!("workers run as {}", r.describe());
+    }
+    let launcher = Launcher::new(config.command.clone(), &run_parent, run_as)?;
     // Orphaned grandchildren of workers are re-parented to us and reaped.
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!("becoming a child subreaper: {e}; orphans of workers go to init");
@@ -281,6 +323,22 @@ pub async fn run(config: Config) -> Result<(), Error> {
         });
     }
     control.serve(tx.clone())?;
+    let _watcher = if config.watch.is_empty() {
+        None
+    } else {
+        let w = watch::start(&config.watch, config.debounce, tx.clone())?;
+        tracing::info!(
+            "watching {} (reload after {} of quiet)",
+            config
+                .watch
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            humantime::format_duration(config.debounce)
+        );
+        Some(w)
+    };
     for l in &listeners {
         tracing::info!("listener `{}` on {}", l.name, l.bound);
     }
@@ -289,8 +347,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut supervisor = Supervisor {
         config,
         listeners,
-        run_dir,
-        dev_null,
+        launcher,
         events: tx,
         systemd: Systemd::from_env(),
         generations: BTreeMap::new(),
@@ -307,7 +364,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         fatal: None,
         ever_served: false,
     };
-    supervisor.start_generation(Purpose::First, Vec::new());
+    supervisor.begin_reload(Purpose::First, Vec::new());
     let result = supervisor.serve(rx).await;
     control.finish(Duration::from_secs(1)).await;
     result
@@ -352,6 +409,29 @@ impl Supervisor {
             } => self.on_channel(generation, message),
             Event::Control { request, reply } => self.on_control(request, reply),
             Event::Timer { generation, timer } => self.on_timer(generation, timer),
+            Event::FilesChanged { paths } => {
+                let mut names: Vec<String> = paths
+                    .iter()
+                    .take(3)
+                    .map(|p| p.display().to_string())
+                    .collect();
+                if paths.len() > 3 {
+                    names.push(format!("and {} more", paths.len() - 3));
+                }
+                tracing::info!("files changed ({}): reloading", names.join(", "));
+                self.request_reload(None);
+            }
+            Event::BuildOutput { generation, tail } => {
+                if let Some(build) = self
+                    .in_flight
+                    .as_mut()
+                    .filter(|f| f.generation == generation)
+                    .and_then(|f| f.build.as_mut())
+                {
+                    build.tail = Some(tail);
+                    self.finish_build();
+                }
+            }
             Event::RestartDue { seq } => {
                 let nothing_serves = !self.generations.values().any(|g| g.phase == Phase::Serving);
                 if seq == self.restart_seq
@@ -359,7 +439,7 @@ impl Supervisor {
                     && self.in_flight.is_none()
                     && nothing_serves
                 {
-                    self.start_generation(Purpose::Restart, Vec::new());
+                    self.begin_reload(Purpose::Restart, Vec::new());
                 }
             }
         }
@@ -431,32 +511,110 @@ impl Supervisor {
         } else {
             Purpose::First
         };
-        self.start_generation(purpose, waiters);
+        self.begin_reload(purpose, waiters);
     }
 
     // ---- starting -------------------------------------------------------
 
-    fn start_generation(&mut self, purpose: Purpose, waiters: Vec<oneshot::Sender<Value>>) {
+    /// Starts a reload (or the first start, or a restart): the build first
+    /// if there is one (not for restarts: they rerun what served), then the
+    /// new generation.
+    fn begin_reload(&mut self, purpose: Purpose, waiters: Vec<oneshot::Sender<Value>>) {
         let number = self.next_generation;
         self.next_generation += 1;
         if purpose == Purpose::Reload {
             self.systemd
-                .reloading(&format!("reloading: starting generation {number}"));
+                .reloading(&format!("reloading to generation {number}"));
         }
-        let started = Instant::now();
         self.in_flight = Some(InFlight {
             generation: number,
             purpose,
-            started,
+            started: Instant::now(),
             waiters,
+            build: None,
         });
-        let spawned = spawn::spawn(
-            &self.config.command,
-            number,
-            &self.listeners,
-            self.run_dir.path(),
-            self.dev_null.as_fd(),
-        );
+        match self.config.build.clone() {
+            Some(script) if purpose != Purpose::Restart => self.start_build(number, &script),
+            _ => self.spawn_generation(number),
+        }
+    }
+
+    /// Runs `--build` for generation `number`, its output to a pipe whose
+    /// reader keeps the tail and echoes it to baton's stderr.
+    fn start_build(&mut self, number: u64, script: &str) {
+        let pipe = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("creating a pipe for the build: {e}"));
+        let started = pipe.and_then(|(read, write)| {
+            let pid = self
+                .launcher
+                .build(script, write.as_fd())
+                .map_err(|e| e.to_string())?;
+            drop(write);
+            Ok((pid, read))
+        });
+        match started {
+            Ok((pid, read)) => {
+                tracing::info!("building: {script} (pid {pid})");
+                tokio::spawn(read_build_output(number, read, self.events.clone()));
+                if let Some(f) = self.in_flight.as_mut() {
+                    f.build = Some(Build {
+                        pid,
+                        started: Instant::now(),
+                        exit: None,
+                        tail: None,
+                    });
+                }
+            }
+            Err(e) => self.finish_in_flight(number, Err(format!("build `{script}`: {e}"))),
+        }
+    }
+
+    /// Once the build has exited and its output ended: start the generation
+    /// if it succeeded, else fail the reload with the output's tail.
+    fn finish_build(&mut self) {
+        let Some(f) = self.in_flight.as_mut() else {
+            return;
+        };
+        let done = f
+            .build
+            .as_ref()
+            .is_some_and(|b| b.exit.is_some() && b.tail.is_some());
+        if !done {
+            return;
+        }
+        let number = f.generation;
+        let Some(Build {
+            exit: Some(exit),
+            tail: Some(tail),
+            started,
+            ..
+        }) = f.build.take()
+        else {
+            return;
+        };
+        let took =
+            humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64));
+        let script = self.config.build.clone().unwrap_or_default();
+        match exit {
+            Ok(()) => {
+                tracing::info!("build succeeded in {took}");
+                self.spawn_generation(number);
+            }
+            Err(how) => {
+                let reason =
+                    format!("build `{script}` {how} after {took}; its output ends:\n{tail}");
+                self.finish_in_flight(number, Err(reason));
+            }
+        }
+    }
+
+    /// Starts generation `number`, the in-flight reload's.
+    fn spawn_generation(&mut self, number: u64) {
+        if self.in_flight.as_ref().map(|f| f.generation) != Some(number) {
+            return;
+        }
+        let started = Instant::now();
+        let spawned = self.launcher.worker(number, &self.listeners);
         let spawned = match spawned {
             Ok(s) => s,
             Err(e) => {
@@ -548,9 +706,13 @@ impl Supervisor {
     /// Ends the in-flight start of generation `number`: records the result,
     /// answers its waiters, and moves on (queued reload, restart, or exit).
     fn finish_in_flight(&mut self, number: u64, result: Result<(), String>) {
-        let Some(in_flight) = self.in_flight.take_if(|f| f.generation == number) else {
+        let Some(mut in_flight) = self.in_flight.take_if(|f| f.generation == number) else {
             return;
         };
+        if let Some(build) = in_flight.build.take() {
+            // Stopped mid-build: the build goes, with whatever it started.
+            let _ = killpg(build.pid, Signal::SIGKILL);
+        }
         let ms = in_flight.started.elapsed().as_millis() as u64;
         let answer = match &result {
             Ok(()) => {
@@ -583,8 +745,11 @@ impl Supervisor {
             }
             (Err(_), None) => format!("generation {number} failed to start"),
         };
-        // READY=1 after every reload, success or failure (systemd waits for it).
-        self.systemd.send(&format!("READY=1\nSTATUS={status}"));
+        // READY=1 after every reload, success or failure (systemd waits for
+        // it); never for a first start that failed.
+        if in_flight.purpose != Purpose::First || result.is_ok() {
+            self.systemd.send(&format!("READY=1\nSTATUS={status}"));
+        }
         match (result, in_flight.purpose) {
             (Ok(()), _) => {}
             (Err(reason), Purpose::First) => {
@@ -718,6 +883,22 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, pid: Pid, how: String) {
+        if let Some(build) = self
+            .in_flight
+            .as_mut()
+            .and_then(|f| f.build.as_mut())
+            .filter(|b| b.pid == pid)
+        {
+            build.exit = Some(if how == "exited with status 0" {
+                Ok(())
+            } else {
+                Err(how)
+            });
+            // Whatever the build left running would hold its output open.
+            let _ = killpg(pid, Signal::SIGKILL);
+            self.finish_build();
+            return;
+        }
         let Some(number) = self
             .generations
             .values()
@@ -733,7 +914,7 @@ impl Supervisor {
         for task in &g.tasks {
             task.abort();
         }
-        let _ = std::fs::remove_file(&g.notify_path);
+        self.launcher.forget(&g.notify_path);
         // Whatever the worker left in its process group goes with it.
         let _ = killpg(g.pid, Signal::SIGKILL);
         match g.phase {
@@ -918,6 +1099,11 @@ impl Supervisor {
             "last_reload": last_reload,
             "reloads": { "ok": self.reloads_ok, "failed": self.reloads_failed },
             "reload_queued": self.queued.is_some(),
+            "reloading": self.in_flight.as_ref().map(|f| json!({
+                "generation": f.generation,
+                "step": if f.build.is_some() { "building" } else { "starting" },
+                "ms": f.started.elapsed().as_millis() as u64,
+            })),
             "stopping": self.stopping,
             "listeners": listeners,
         })
@@ -962,4 +1148,42 @@ async fn read_channel(number: u64, channel: Arc<AsyncFd<OwnedFd>>, events: mpsc:
             return;
         }
     }
+}
+
+/// How much of the build's output `status` and the log keep.
+const BUILD_TAIL: usize = 4096;
+
+/// Echoes the build's output to baton's stderr and reports its tail when it
+/// ends.
+async fn read_build_output(number: u64, read: OwnedFd, events: mpsc::Sender<Event>) {
+    use tokio::io::AsyncReadExt;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    match tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
+        Ok(mut pipe) => loop {
+            match pipe.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    use std::io::Write;
+                    let _ = std::io::stderr().write_all(&buf[..n]);
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > 2 * BUILD_TAIL {
+                        tail.drain(..tail.len() - BUILD_TAIL);
+                    }
+                }
+            }
+        },
+        Err(e) => tracing::warn!("reading the build's output: {e}"),
+    }
+    let start = tail.len().saturating_sub(BUILD_TAIL);
+    let text = String::from_utf8_lossy(&tail[start..]);
+    // Keep whole lines, at most the last 20.
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    let _ = events
+        .send(Event::BuildOutput {
+            generation: number,
+            tail,
+        })
+        .await;
 }

@@ -27,24 +27,46 @@ pub struct ExecPlan {
     argv: Vec<CString>,
     /// `KEY=VALUE\0` entries; the one at `listen_pid` has room for the pid.
     env: Vec<Vec<u8>>,
-    listen_pid: usize,
+    listen_pid: Option<usize>,
+    credentials: Option<Credentials>,
+}
+
+/// The user a child runs as, resolved before the fork.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The user id to switch to.
+    pub uid: libc::uid_t,
+    /// The primary group id.
+    pub gid: libc::gid_t,
+    /// The supplementary groups.
+    pub groups: Vec<libc::gid_t>,
 }
 
 impl ExecPlan {
-    /// A plan to exec `path` with `argv` and `env` (`KEY=VALUE` strings, none
-    /// of them `LISTEN_PID`, which `spawn` adds with the child's own pid).
+    /// A plan to exec `path` with `argv` and `env` (`KEY=VALUE` strings).
     pub fn new(path: CString, argv: Vec<CString>, env: Vec<CString>) -> ExecPlan {
-        let mut env: Vec<Vec<u8>> = env.into_iter().map(CString::into_bytes_with_nul).collect();
-        let mut slot = b"LISTEN_PID=".to_vec();
-        slot.resize(slot.len() + PID_DIGITS + 1, 0);
-        env.push(slot);
-        let listen_pid = env.len() - 1;
         ExecPlan {
             path,
             argv,
-            env,
-            listen_pid,
+            env: env.into_iter().map(CString::into_bytes_with_nul).collect(),
+            listen_pid: None,
+            credentials: None,
         }
+    }
+
+    /// Adds `LISTEN_PID`, set in the child to the child's own pid.
+    pub fn with_listen_pid(mut self) -> ExecPlan {
+        let mut slot = b"LISTEN_PID=".to_vec();
+        slot.resize(slot.len() + PID_DIGITS + 1, 0);
+        self.env.push(slot);
+        self.listen_pid = Some(self.env.len() - 1);
+        self
+    }
+
+    /// Runs the child as another user (baton must be root).
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> ExecPlan {
+        self.credentials = credentials;
+        self
     }
 }
 
@@ -57,21 +79,24 @@ pub struct SpawnFailure {
     pub error: io::Error,
 }
 
-const STEPS: [&str; 5] = [
+const STEPS: [&str; 6] = [
     "fork",
     "arranging descriptors",
     "setting the parent-death signal",
     "exec",
     "the supervisor is gone",
+    "switching user",
 ];
 
-/// Forks and execs `plan` with `fds` at 3, 4, 5 … and `stdin` at 0.
+/// Forks and execs `plan` with `fds` at 3, 4, 5 …, `stdin` at 0, and
+/// `output` (if given, else baton's own) at 1 and 2.
 ///
 /// Returns once the child has called `execve` successfully (or has failed to).
 pub fn spawn(
     plan: &ExecPlan,
     fds: &[BorrowedFd<'_>],
     stdin: BorrowedFd<'_>,
+    output: Option<BorrowedFd<'_>>,
 ) -> Result<Pid, SpawnFailure> {
     let fail = |step: usize, error: io::Error| SpawnFailure {
         step: STEPS[step],
@@ -81,7 +106,10 @@ pub fn spawn(
     let mut env = plan.env.clone();
     let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr().cast()).collect();
     env_ptrs.push(std::ptr::null());
-    let slot_ptr: *mut u8 = env[plan.listen_pid].as_mut_ptr();
+    let slot_ptr: *mut u8 = match plan.listen_pid {
+        Some(i) => env[i].as_mut_ptr(),
+        None => std::ptr::null_mut(),
+    };
     let mut argv_ptrs: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let sources: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -96,6 +124,8 @@ pub fn spawn(
         sources: &sources,
         moved: moved.as_mut_ptr(),
         stdin: stdin.as_raw_fd(),
+        output: output.map_or(-1, |fd| fd.as_raw_fd()),
+        credentials: plan.credentials.as_ref(),
         report: err_write.as_raw_fd(),
         parent: nix::unistd::getpid().as_raw(),
     };
@@ -159,6 +189,9 @@ struct ChildContext<'a> {
     sources: &'a [RawFd],
     moved: *mut RawFd,
     stdin: RawFd,
+    /// Where stdout and stderr go; -1 keeps baton's.
+    output: RawFd,
+    credentials: Option<&'a Credentials>,
     report: RawFd,
     parent: libc::pid_t,
 }
@@ -206,7 +239,12 @@ impl ChildContext<'_> {
             }
             let stdin = libc::fcntl(self.stdin, libc::F_DUPFD_CLOEXEC, high);
             let report = libc::fcntl(self.report, libc::F_DUPFD_CLOEXEC, high);
-            if stdin < 0 || report < 0 {
+            let output = if self.output >= 0 {
+                libc::fcntl(self.output, libc::F_DUPFD_CLOEXEC, high)
+            } else {
+                high
+            };
+            if stdin < 0 || report < 0 || output < 0 {
                 self.fail(1);
             }
             for i in 0..self.sources.len() {
@@ -218,25 +256,40 @@ impl ChildContext<'_> {
             if libc::dup2(stdin, 0) < 0 {
                 self.fail_on(report, 1);
             }
+            if self.output >= 0 && (libc::dup2(output, 1) < 0 || libc::dup2(output, 2) < 0) {
+                self.fail_on(report, 1);
+            }
             // Close everything above the targets except the report pipe (which
             // is close-on-exec and closes itself at exec).
             close_from_to(high, report - 1);
             close_from_to(report + 1, libc::c_int::MAX);
 
-            let mut pid = libc::getpid() as u64;
-            let mut digits = [0u8; PID_DIGITS];
-            let mut len = 0;
-            loop {
-                digits[len] = b'0' + (pid % 10) as u8;
-                len += 1;
-                pid /= 10;
-                if pid == 0 {
-                    break;
+            if let Some(c) = self.credentials {
+                // Groups first: after setuid we may no longer change them.
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
+                    || libc::setgid(c.gid) != 0
+                    || libc::setuid(c.uid) != 0
+                {
+                    self.fail_on(report, 5);
                 }
             }
-            let value = self.listen_pid_slot.add(b"LISTEN_PID=".len());
-            for i in 0..len {
-                *value.add(i) = digits[len - 1 - i];
+
+            if !self.listen_pid_slot.is_null() {
+                let mut pid = libc::getpid() as u64;
+                let mut digits = [0u8; PID_DIGITS];
+                let mut len = 0;
+                loop {
+                    digits[len] = b'0' + (pid % 10) as u8;
+                    len += 1;
+                    pid /= 10;
+                    if pid == 0 {
+                        break;
+                    }
+                }
+                let value = self.listen_pid_slot.add(b"LISTEN_PID=".len());
+                for i in 0..len {
+                    *value.add(i) = digits[len - 1 - i];
+                }
             }
 
             libc::execve(self.path, self.argv, self.env);
@@ -310,4 +363,28 @@ pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and
     // is not reused for as long as it is registered.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into())
+}
+
+/// Takes ownership of the `count` descriptors systemd passed at 3.. and
+/// makes them close-on-exec (systemd hands them over inheritable).
+pub fn adopt_activated(count: usize) -> Vec<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    (0..count)
+        .map(|i| 3 + i as RawFd)
+        .filter(|&fd| {
+            // SAFETY: F_GETFD only asks whether the descriptor is open.
+            unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+        })
+        .map(|fd| {
+            // SAFETY: systemd's protocol gives these descriptors to this
+            // process (LISTEN_PID matched) and nothing else in baton has
+            // touched them; we become their only owner.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            let _ = nix::fcntl::fcntl(
+                &owned,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+            owned
+        })
+        .collect()
 }
