@@ -7,11 +7,13 @@
 //! result or `"error"`. The socket is created mode 0600 under a temporary name
 //! and renamed into place, guarded by a lock file so two batons never share
 //! one; every peer's uid is checked with `SO_PEERCRED` (root or baton's own),
-//! requests are bounded in size and time, and connections in number, so
-//! garbage or a crowd of idle clients never stops baton or its answers.
+//! requests are bounded in size and time, and connections in number (the
+//! oldest silent one makes room for a new one), so garbage or a crowd of
+//! idle clients never stops baton or its answers.
 //!
 //! This module never touches supervisor state: requests become events.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -31,8 +33,11 @@ use crate::Error;
 const MAX_REQUEST: u64 = 4096;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How many control connections are served at once; more are refused.
+/// How many requests are answered at once; more are refused.
 const MAX_CONNECTIONS: usize = 64;
+/// How many connections may be sending their request at once; past this the
+/// oldest is dropped.
+const MAX_PENDING: usize = 128;
 
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,8 +232,12 @@ fn prepare_dir(dir: &Path) -> io::Result<()> {
 
 async fn accept_loop(listener: UnixListener, slots: Arc<Semaphore>, events: mpsc::Sender<Event>) {
     let me = nix::unistd::geteuid().as_raw();
+    // Connections still sending their request. When there are too many, the
+    // oldest is dropped: a crowd of idle clients churns through here while a
+    // real client, which sends its request at once, is answered.
+    let mut pending: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
     loop {
-        let (mut stream, _) = match listener.accept().await {
+        let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 // EMFILE and friends: say so, then keep serving.
@@ -245,11 +254,11 @@ async fn accept_loop(listener: UnixListener, slots: Arc<Semaphore>, events: mpsc
             Ok(uid) if uid == 0 || uid == me => {}
             Ok(uid) => {
                 tracing::warn!("control socket: refused a connection from uid {uid}");
-                let _ = reply(
-                    &mut stream,
-                    &error(&format!("uid {uid} may not control this baton")),
-                )
-                .await;
+                let answer = error(&format!("uid {uid} may not control this baton"));
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let _ = reply(&mut stream, &answer).await;
+                });
                 continue;
             }
             Err(e) => {
@@ -257,71 +266,68 @@ async fn accept_loop(listener: UnixListener, slots: Arc<Semaphore>, events: mpsc
                 continue;
             }
         }
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            let _ = reply(
-                &mut stream,
-                &error("too many control connections; try again"),
-            )
-            .await;
-            continue;
-        };
-        let events = events.clone();
-        tokio::spawn(async move {
-            serve_one(stream, events).await;
-            drop(slot);
-        });
+        pending.retain(|task| !task.is_finished());
+        if pending.len() >= MAX_PENDING {
+            if let Some(oldest) = pending.pop_front() {
+                oldest.abort();
+            }
+        }
+        let reader = tokio::spawn(read_request(stream, slots.clone(), events.clone()));
+        pending.push_back(reader.abort_handle());
     }
 }
 
-async fn serve_one(mut stream: UnixStream, events: mpsc::Sender<Event>) {
+/// Reads one request (bounded in size and time), then hands it to a task of
+/// its own that holds one of the answer slots until it has answered.
+async fn read_request(mut stream: UnixStream, slots: Arc<Semaphore>, events: mpsc::Sender<Event>) {
     let mut line = String::new();
     let read = {
         let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST + 1));
         tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await
     };
     let request = match read {
-        Err(_) => {
-            let _ = reply(&mut stream, &error("no request within 5s")).await;
-            return;
-        }
-        Ok(Err(e)) => {
-            let _ = reply(&mut stream, &error(&format!("reading the request: {e}"))).await;
-            return;
-        }
+        Err(_) => Err("no request within 5s".to_owned()),
+        Ok(Err(e)) => Err(format!("reading the request: {e}")),
         Ok(Ok(n)) if n as u64 > MAX_REQUEST => {
-            let _ = reply(
-                &mut stream,
-                &error(&format!("request longer than {MAX_REQUEST} bytes")),
+            Err(format!("request longer than {MAX_REQUEST} bytes"))
+        }
+        Ok(Ok(_)) => serde_json::from_str::<Request>(line.trim()).map_err(|e| {
+            format!(
+                "malformed request {:?}: {e}",
+                line.trim().chars().take(60).collect::<String>()
             )
-            .await;
+        }),
+    };
+    let request = match request {
+        Ok(request) => request,
+        Err(message) => {
+            let _ = reply(&mut stream, &error(&message)).await;
             return;
         }
-        Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-            Ok(request) => request,
-            Err(e) => {
-                let _ = reply(
-                    &mut stream,
-                    &error(&format!(
-                        "malformed request {:?}: {e}",
-                        line.trim().chars().take(60).collect::<String>()
-                    )),
-                )
-                .await;
-                return;
-            }
-        },
     };
-    let (tx, rx) = oneshot::channel();
-    if events
-        .send(Event::Control { request, reply: tx })
-        .await
-        .is_err()
-    {
-        let _ = reply(&mut stream, &error("baton is shutting down")).await;
+    let Ok(slot) = slots.try_acquire_owned() else {
+        let _ = reply(
+            &mut stream,
+            &error("too many control requests at once; try again"),
+        )
+        .await;
         return;
-    }
-    let answer = rx.await.unwrap_or_else(|_| error("baton is shutting down"));
-    let _ = reply(&mut stream, &answer).await;
+    };
+    // Not aborted with the readers: a `reload --wait` may take a while.
+    tokio::spawn(async move {
+        let (tx, rx) = oneshot::channel();
+        let answer = if events
+            .send(Event::Control { request, reply: tx })
+            .await
+            .is_err()
+        {
+            error("baton is shutting down")
+        } else {
+            rx.await.unwrap_or_else(|_| error("baton is shutting down"))
+        };
+        let _ = reply(&mut stream, &answer).await;
+        drop(slot);
+    });
 }
 
 /// An error answer.
@@ -356,20 +362,21 @@ pub async fn request(path: &Path, request: &Request) -> Result<Value, Error> {
         })?;
     let mut line = serde_json::to_string(request).map_err(|e| err("encoding", e.into()))?;
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .await
-        .map_err(|e| err("sending the request", e))?;
+    // baton may answer (a refusal) and close before reading the request:
+    // then the answer is what counts, not the failed write.
+    let sent = stream.write_all(line.as_bytes()).await;
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .await
-        .map_err(|e| err("reading the answer", e))?;
-    if answer.is_empty() {
-        return Err(err(
-            "reading the answer",
-            io::Error::new(io::ErrorKind::UnexpectedEof, "baton closed the connection"),
-        ));
+    let read = BufReader::new(stream).read_line(&mut answer).await;
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) => return Err(err("sending the request", e)),
+        (Ok(()), Err(e)) => return Err(err("reading the answer", e)),
+        (Ok(()), Ok(_)) => {
+            return Err(err(
+                "reading the answer",
+                io::Error::new(io::ErrorKind::UnexpectedEof, "baton closed the connection"),
+            ))
+        }
     }
     serde_json::from_str(&answer).map_err(|e| err("reading the answer", e.into()))
 }

@@ -15,12 +15,14 @@
 //! * [`control`]: the control socket behind `baton reload|status|stop`.
 //! * [`watch`]: `--watch`, file changes debounced into reload triggers.
 //! * [`cli`]: the command line and the client commands.
+//! * [`logging`]: stderr logs for a terminal or for journald.
 //!
 //! The binary (`main.rs`) only parses arguments and maps errors to exit codes.
 
 pub mod cli;
 pub mod control;
 pub mod listener;
+pub mod logging;
 pub mod notify;
 pub mod spawn;
 pub mod supervisor;

@@ -377,7 +377,6 @@ impl Supervisor {
             let Some(event) = rx.recv().await else { break };
             self.handle(event);
         }
-        self.systemd.send("STOPPING=1");
         let answer = json!({ "ok": true, "stopped": true });
         for waiter in self.stop_waiters.drain(..) {
             let _ = waiter.send(answer.clone());

@@ -110,6 +110,7 @@ pub struct BatonBuilder {
     command: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     control: Option<PathBuf>,
+    wrap: Vec<OsString>,
 }
 
 impl BatonBuilder {
@@ -133,6 +134,17 @@ impl BatonBuilder {
     pub fn option(mut self, flag: &str, value: impl Into<OsString>) -> Self {
         self.options.push(flag.into());
         self.options.push(value.into());
+        self
+    }
+
+    /// Starts baton through `wrapper` (like `systemd-socket-activate -l ...`),
+    /// which must exec baton in the end.
+    pub fn wrap<I, S>(mut self, wrapper: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.wrap = wrapper.into_iter().map(Into::into).collect();
         self
     }
 
@@ -177,19 +189,26 @@ impl BatonBuilder {
             .unwrap_or_else(|| self.dir.path().join("baton.sock"));
         let log = self.dir.path().join("baton.log");
         let log_file = std::fs::File::create(&log).expect("creating the log file");
-        let mut cmd = Command::new(bin("baton"));
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin("baton"));
+                cmd
+            }
+            None => Command::new(bin("baton")),
+        };
         cmd.arg("run")
             .arg("--control")
             .arg(&control)
             .args(&self.options)
             .arg("--")
             .args(&self.command)
-            .envs(self.env)
-            .env("BATON_LOG", "debug")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES")
+            .env("BATON_LOG", "debug")
+            .envs(self.env)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup of the log file"))
             .stderr(log_file);
@@ -223,6 +242,7 @@ impl Baton {
             command: Vec::new(),
             env: Vec::new(),
             control: None,
+            wrap: Vec::new(),
         }
     }
 
