@@ -150,7 +150,7 @@ fn baton_tells_systemd_ready_reloading_and_stopping_in_order_from_its_own_pid() 
         .pyworker("")
         .start();
     let me = baton.pid();
-    let mut expect = |prefix: &str, contains: &str| {
+    let expect = |prefix: &str, contains: &str| {
         let (msg, pid) = systemd.next();
         assert_eq!(pid, me, "{msg:?} came from pid {pid}, not baton's {me}");
         assert!(
