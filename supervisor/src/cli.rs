@@ -138,6 +138,10 @@ pub struct RunArgs {
     /// Run workers with this primary group (default: the user's).
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
+    /// The largest snapshot of kept values (SDK workers) baton accepts, like
+    /// 64MiB; a larger one fails the reload and the old generation serves on.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = crate::state::parse_size)]
+    pub max_state: u64,
     /// The worker command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -197,6 +201,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 build: args.build,
                 user: args.user,
                 group: args.group,
+                max_state: args.max_state,
             })
             .await
         }

@@ -12,6 +12,7 @@
 //! * [`spawn`]: a worker's command line, environment and descriptors;
 //!   `sys` holds the fork/exec, the crate's only unsafe code.
 //! * [`notify`]: sd_notify, from workers and to systemd.
+//! * [`state`]: snapshots of kept values, checked and passed on unread.
 //! * [`control`]: the control socket behind `baton reload|status|stop`.
 //! * [`watch`]: `--watch`, file changes debounced into reload triggers.
 //! * [`cli`]: the command line and the client commands.
@@ -25,6 +26,7 @@ pub mod listener;
 pub mod logging;
 pub mod notify;
 pub mod spawn;
+pub mod state;
 pub mod supervisor;
 mod sys;
 pub mod watch;

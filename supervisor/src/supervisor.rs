@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_worker::protocol::{
-    self, ProtocolError, SupervisorMessage, WorkerMessage, PROTOCOL_VERSION,
+    self, ProtocolError, StateSource, SupervisorMessage, WorkerMessage, PROTOCOL_VERSION,
 };
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -34,6 +34,7 @@ use crate::control::{self, ControlSocket, Request};
 use crate::listener::{Activated, ListenSpec, Listener};
 use crate::notify::{self, NotifyMessage, Systemd};
 use crate::spawn::{Launcher, RunAs, WorkerCommand};
+use crate::state::{self, Snapshot};
 use crate::watch;
 use crate::Error;
 
@@ -75,6 +76,8 @@ pub struct Config {
     pub user: Option<String>,
     /// `--group`: run workers (and the build) with this group.
     pub group: Option<String>,
+    /// `--max-state`: the largest snapshot of kept values accepted, in bytes.
+    pub max_state: u64,
 }
 
 /// Something the loop reacts to. Every source of change sends one of these.
@@ -99,6 +102,8 @@ pub enum Event {
         generation: u64,
         /// The message, or why it could not be read.
         message: Result<WorkerMessage, ProtocolError>,
+        /// Descriptors that came with it (a snapshot's memfd).
+        fds: Vec<OwnedFd>,
     },
     /// A request on the control socket, with where to send the answer.
     Control {
@@ -192,6 +197,8 @@ struct Generation {
     channel: Arc<AsyncFd<OwnedFd>>,
     /// The worker said `hello`: it drains by message, not by signal.
     speaks_protocol: bool,
+    /// Told to freeze for a successor that is not ready yet.
+    frozen: bool,
     /// The last `STATUS=` it reported.
     status: Option<String>,
     notify_path: PathBuf,
@@ -220,6 +227,16 @@ struct Build {
     started: Instant,
     exit: Option<Result<(), String>>,
     tail: Option<String>,
+}
+
+/// A freeze in progress: `from` serves, frozen, until `to` is ready (then
+/// `from` drains) or fails (then `from` thaws).
+#[derive(Debug, Clone, Copy)]
+struct Handoff {
+    from: u64,
+    to: u64,
+    /// `to` has been sent its `State`.
+    answered: bool,
 }
 
 /// How the last reload ended, for `status` and `reload --wait`.
@@ -256,6 +273,11 @@ struct Supervisor {
     fatal: Option<String>,
     /// Set once the first generation served; systemd's first READY=1.
     ever_served: bool,
+    /// The freeze in progress, if any.
+    handoff: Option<Handoff>,
+    /// The latest kept values: a frozen snapshot or a checkpoint. A crash
+    /// restart starts from it.
+    kept: Option<Snapshot>,
 }
 
 /// Smallest and largest delay before restarting a crashed worker.
@@ -363,6 +385,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         stop_waiters: Vec::new(),
         fatal: None,
         ever_served: false,
+        handoff: None,
+        kept: None,
     };
     supervisor.begin_reload(Purpose::First, Vec::new());
     let result = supervisor.serve(rx).await;
@@ -405,7 +429,8 @@ impl Supervisor {
             Event::Channel {
                 generation,
                 message,
-            } => self.on_channel(generation, message),
+                fds,
+            } => self.on_channel(generation, message, fds),
             Event::Control { request, reply } => self.on_control(request, reply),
             Event::Timer { generation, timer } => self.on_timer(generation, timer),
             Event::FilesChanged { paths } => {
@@ -655,6 +680,7 @@ impl Supervisor {
                 draining_since: None,
                 channel,
                 speaks_protocol: false,
+                frozen: false,
                 status: None,
                 notify_path: spawned.notify_path,
                 tasks,
@@ -699,6 +725,10 @@ impl Supervisor {
         for n in old {
             self.begin_drain(n, "replaced");
         }
+        if self.handoff.is_some_and(|h| h.to == number) {
+            // The frozen generation was just told to drain: done.
+            self.handoff = None;
+        }
         self.finish_in_flight(number, Ok(()));
     }
 
@@ -722,6 +752,7 @@ impl Supervisor {
             Err(reason) => {
                 self.reloads_failed += u64::from(in_flight.purpose == Purpose::Reload);
                 tracing::error!("generation {number} failed: {reason}");
+                self.thaw_for(number);
                 json!({ "ok": false, "generation": number, "ms": ms, "error": reason })
             }
         };
@@ -914,6 +945,16 @@ impl Supervisor {
             task.abort();
         }
         self.launcher.forget(&g.notify_path);
+        if let Some(h) = self.handoff.filter(|h| h.from == number && !h.answered) {
+            // The frozen generation died before handing over: its successor
+            // gets what was kept before (its last checkpoint, if any).
+            tracing::warn!(
+                "generation {number} exited while frozen; generation {} gets the last checkpoint",
+                h.to
+            );
+            self.handoff = None;
+            self.send_state(h.to, StateSource::Checkpoint);
+        }
         // Whatever the worker left in its process group goes with it.
         let _ = killpg(g.pid, Signal::SIGKILL);
         match g.phase {
@@ -962,10 +1003,25 @@ impl Supervisor {
         }
     }
 
-    fn on_channel(&mut self, number: u64, message: Result<WorkerMessage, ProtocolError>) {
+    fn on_channel(
+        &mut self,
+        number: u64,
+        message: Result<WorkerMessage, ProtocolError>,
+        fds: Vec<OwnedFd>,
+    ) {
         let Some(g) = self.generations.get_mut(&number) else {
             return;
         };
+        if let Ok(m) = &message {
+            let carries_fds = matches!(
+                m,
+                WorkerMessage::Frozen { .. } | WorkerMessage::Checkpoint { .. }
+            );
+            if !carries_fds && !fds.is_empty() {
+                self.protocol_error(number, format!("sent descriptors with {m:?}"));
+                return;
+            }
+        }
         match message {
             Ok(WorkerMessage::Hello { protocol, pid }) => {
                 if protocol != PROTOCOL_VERSION {
@@ -990,9 +1046,165 @@ impl Supervisor {
             }
             Ok(WorkerMessage::Ready) => self.on_ready(number, "ready()"),
             Ok(WorkerMessage::Status { text }) => g.status = Some(text),
+            Ok(WorkerMessage::TakeState) => self.on_take_state(number),
+            Ok(WorkerMessage::Frozen { bytes }) => self.on_frozen(number, bytes, fds),
+            Ok(WorkerMessage::FreezeFailed { reason }) => {
+                if let Some(h) = self.handoff.filter(|h| h.from == number) {
+                    self.fail_starting(
+                        h.to,
+                        format!("generation {number} could not save its kept values: {reason}"),
+                    );
+                }
+            }
+            Ok(WorkerMessage::Rejected { reason }) => {
+                let from = self
+                    .handoff
+                    .filter(|h| h.to == number)
+                    .map(|h| format!("of generation {}", h.from))
+                    .unwrap_or_else(|| "it was given".to_owned());
+                self.fail_starting(number, format!("rejected the kept values {from}: {reason}"));
+            }
+            Ok(WorkerMessage::Checkpoint { bytes }) => self.on_checkpoint(number, bytes, fds),
             // A plain worker's copy closes when it exits; the exit is reaped.
             Err(ProtocolError::Closed) => {}
             Err(e) => self.protocol_error(number, format!("{e}")),
+        }
+    }
+
+    /// A new generation asks for its predecessor's kept values: freeze the
+    /// serving generation if it keeps any, else answer from the last
+    /// checkpoint.
+    fn on_take_state(&mut self, number: u64) {
+        let starting = self
+            .generations
+            .get(&number)
+            .is_some_and(|g| g.phase == Phase::Starting);
+        let source = self
+            .generations
+            .values()
+            .filter(|g| g.phase == Phase::Serving && g.speaks_protocol && !g.frozen)
+            .map(|g| g.number)
+            .max();
+        let (Some(from), true, None) = (source, starting, self.handoff) else {
+            // No live predecessor to freeze (or asked late): the last
+            // checkpoint, or nothing.
+            self.send_state(number, StateSource::Checkpoint);
+            return;
+        };
+        let Some(g) = self.generations.get_mut(&from) else {
+            return;
+        };
+        match protocol::send(g.channel.get_ref().as_fd(), &SupervisorMessage::Freeze, &[]) {
+            Ok(()) => {
+                g.frozen = true;
+                tracing::info!(
+                    "generation {from} (pid {}) freezes to hand its kept values to generation \
+                     {number}",
+                    g.pid
+                );
+                self.handoff = Some(Handoff {
+                    from,
+                    to: number,
+                    answered: false,
+                });
+            }
+            Err(e) => {
+                tracing::warn!("asking generation {from} to freeze: {e}; using the checkpoint");
+                self.send_state(number, StateSource::Checkpoint);
+            }
+        }
+    }
+
+    /// The frozen generation's snapshot: check it, keep it, pass it on.
+    fn on_frozen(&mut self, number: u64, bytes: u64, fds: Vec<OwnedFd>) {
+        let Some(h) = self.handoff.filter(|h| h.from == number && !h.answered) else {
+            tracing::warn!("generation {number} sent a snapshot nobody asked for; ignored");
+            return;
+        };
+        match Snapshot::accept(number, bytes, fds, self.config.max_state) {
+            Ok(snapshot) => {
+                tracing::info!(
+                    "generation {number} froze; {} of kept values go to generation {}",
+                    state::size(bytes),
+                    h.to
+                );
+                self.kept = snapshot;
+                if let Some(h) = self.handoff.as_mut() {
+                    h.answered = true;
+                }
+                self.send_state(h.to, StateSource::Snapshot);
+            }
+            Err(reason) => {
+                self.fail_starting(h.to, format!("generation {number}'s snapshot: {reason}"));
+            }
+        }
+    }
+
+    /// A checkpoint: kept for a crash restart, if it is not older than what
+    /// is kept and comes from a generation that still owns its values.
+    fn on_checkpoint(&mut self, number: u64, bytes: u64, fds: Vec<OwnedFd>) {
+        let Some(g) = self.generations.get(&number) else {
+            return;
+        };
+        let owns = !g.frozen && g.phase != Phase::Draining;
+        let newer = self.kept.as_ref().is_none_or(|k| k.generation <= number);
+        if !(owns && newer) {
+            tracing::debug!("generation {number}: ignored a checkpoint (its values moved on)");
+            return;
+        }
+        match Snapshot::accept(number, bytes, fds, self.config.max_state) {
+            Ok(snapshot) => {
+                tracing::debug!("generation {number} checkpointed {}", state::size(bytes));
+                self.kept = snapshot;
+            }
+            Err(reason) => tracing::warn!("generation {number}: refused a checkpoint: {reason}"),
+        }
+    }
+
+    /// Answers generation `number`'s `TakeState` with what is kept.
+    fn send_state(&mut self, number: u64, source: StateSource) {
+        let Some(g) = self.generations.get(&number) else {
+            return;
+        };
+        let (message, fds) = match &self.kept {
+            Some(k) => (
+                SupervisorMessage::State {
+                    source,
+                    generation: Some(k.generation),
+                    bytes: k.bytes,
+                },
+                vec![k.fd()],
+            ),
+            None => (
+                SupervisorMessage::State {
+                    source: StateSource::None,
+                    generation: None,
+                    bytes: 0,
+                },
+                Vec::new(),
+            ),
+        };
+        if let Err(e) = protocol::send(g.channel.get_ref().as_fd(), &message, &fds) {
+            self.protocol_error(number, format!("sending its kept values: {e}"));
+        }
+    }
+
+    /// Generation `number` failed; if a generation froze for it, it thaws
+    /// and accepts again with its values as they were.
+    fn thaw_for(&mut self, number: u64) {
+        let Some(h) = self.handoff.take_if(|h| h.to == number) else {
+            return;
+        };
+        let Some(g) = self.generations.get_mut(&h.from) else {
+            return;
+        };
+        g.frozen = false;
+        if g.phase != Phase::Serving {
+            return;
+        }
+        match protocol::send(g.channel.get_ref().as_fd(), &SupervisorMessage::Thaw, &[]) {
+            Ok(()) => tracing::info!("generation {} (pid {}) thaws and serves on", h.from, g.pid),
+            Err(e) => tracing::error!("telling generation {} to thaw: {e}", h.from),
         }
     }
 
@@ -1078,6 +1290,7 @@ impl Supervisor {
                     "pids": [g.pid.as_raw()],
                     "age_ms": g.started.elapsed().as_millis() as u64,
                     "sdk": g.speaks_protocol,
+                    "frozen": g.frozen,
                     "status": g.status,
                 })
             })
@@ -1105,6 +1318,10 @@ impl Supervisor {
             })),
             "stopping": self.stopping,
             "listeners": listeners,
+            "kept": self.kept.as_ref().map(|k| json!({
+                "generation": k.generation,
+                "bytes": k.bytes,
+            })),
         })
     }
 }
@@ -1119,6 +1336,7 @@ async fn read_channel(number: u64, channel: Arc<AsyncFd<OwnedFd>>, events: mpsc:
                     .send(Event::Channel {
                         generation: number,
                         message: Err(ProtocolError::Io(e)),
+                        fds: Vec::new(),
                     })
                     .await;
                 return;
@@ -1129,16 +1347,19 @@ async fn read_channel(number: u64, channel: Arc<AsyncFd<OwnedFd>>, events: mpsc:
                 guard.clear_ready();
                 continue;
             }
-            // Workers send no descriptors in this protocol version; any that
-            // arrive are closed here.
-            Ok((message, _fds)) => Ok(message),
+            Ok((message, fds)) => Ok((message, fds)),
             Err(e) => Err(e),
         };
         let last = message.is_err();
+        let (message, fds) = match message {
+            Ok((m, fds)) => (Ok(m), fds),
+            Err(e) => (Err(e), Vec::new()),
+        };
         if events
             .send(Event::Channel {
                 generation: number,
                 message,
+                fds,
             })
             .await
             .is_err()

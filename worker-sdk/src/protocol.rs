@@ -14,10 +14,24 @@
 //! worker                                   supervisor
 //!   | -- Hello { protocol, pid } ------------> |
 //!   | <----------- Welcome { generation, listeners } + one fd per listener
+//!   | -- TakeState --------------------------> |   (first `keep`: "my predecessor's values")
+//!   |                                          | --> Freeze to the serving generation,
+//!   |                                          | <-- Frozen + snapshot memfd from it
+//!   | <------- State { source, .. } + memfd    |   (the snapshot, a checkpoint, or none)
 //!   | -- Ready ------------------------------> |   (the generation may now serve)
 //!   | -- Status { text } --------------------> |   (any time, shown in `baton status`)
+//!   | -- Checkpoint { bytes } + memfd -------> |   (any time: kept for a crash restart)
 //!   | <------------------- Drain { timeout_ms } |   (stop accepting, finish, exit)
 //! ```
+//!
+//! The frozen generation has stopped accepting and serialized its kept
+//! values; if its successor fails before it is ready (or sends `Rejected`),
+//! the supervisor sends it `Thaw` and it accepts again, values intact.
+//!
+//! Snapshots travel as **sealed memfds** ([`SNAPSHOT_SEALS`]): the writer
+//! fills one and seals it, the supervisor passes the very same descriptor on
+//! without reading it, and the reader maps or reads it. No byte of a snapshot
+//! crosses the channel itself, so its size is bounded only by `--max-state`.
 //!
 //! This module never blocks on its own: the send and receive functions are
 //! meant for non-blocking sockets driven by the caller's event loop, and they
@@ -62,6 +76,34 @@ pub enum WorkerMessage {
         /// The status text, one line.
         text: String,
     },
+    /// Asks for the kept values of the generation before: the supervisor
+    /// freezes the serving generation and answers with `State`.
+    TakeState,
+    /// The answer to `Freeze`: this generation stopped accepting and
+    /// serialized its kept values into the attached sealed memfd (none when
+    /// `bytes` is 0).
+    Frozen {
+        /// The snapshot's size in bytes.
+        bytes: u64,
+    },
+    /// The answer to `Freeze` when the values could not be serialized; the
+    /// worker goes on serving and the reload fails.
+    FreezeFailed {
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// The worker refuses the snapshot it was given (say, a format it cannot
+    /// migrate). The reload fails before cut-over; the frozen generation thaws.
+    Rejected {
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// The current kept values, in the attached sealed memfd (none when
+    /// `bytes` is 0): the supervisor keeps the latest for a crash restart.
+    Checkpoint {
+        /// The snapshot's size in bytes.
+        bytes: u64,
+    },
 }
 
 /// What the supervisor sends to a worker.
@@ -83,7 +125,39 @@ pub enum SupervisorMessage {
         /// How long the worker has before it is killed, in milliseconds.
         timeout_ms: u64,
     },
+    /// Stop accepting (in-flight work goes on, keep-alive connections close
+    /// after their current request) and answer with `Frozen` and a snapshot.
+    Freeze,
+    /// The successor failed: accept again, with the values as they are.
+    Thaw,
+    /// The answer to `TakeState`, with the snapshot's sealed memfd attached
+    /// unless `source` is `None`.
+    State {
+        /// Where the values come from.
+        source: StateSource,
+        /// The generation that wrote them, if any.
+        generation: Option<u64>,
+        /// The snapshot's size in bytes.
+        bytes: u64,
+    },
 }
+
+/// Where the values in a `State` message come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateSource {
+    /// Frozen from the serving generation just now: exact.
+    Snapshot,
+    /// The last checkpoint of a generation that is gone (a crash restart).
+    Checkpoint,
+    /// Nothing kept: the first start, or no generation ever kept values.
+    None,
+}
+
+/// The seals a snapshot memfd must carry: nobody, writer included, can
+/// change it after it was handed over.
+pub const SNAPSHOT_SEALS: libc::c_int =
+    libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
 
 /// A listener as the supervisor describes it to a worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

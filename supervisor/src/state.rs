@@ -1,0 +1,180 @@
+//! Kept state as the supervisor sees it: sealed snapshot memfds it checks,
+//! keeps and passes on, never reads.
+//!
+//! A snapshot arrives from a worker (`Frozen` on a freeze, or `Checkpoint`)
+//! with its descriptor. [`Snapshot::accept`] checks what the worker claims:
+//! one memfd, sealed against every change ([`SNAPSHOT_SEALS`]), exactly
+//! `bytes` long, within `--max-state`. The supervisor then holds that one
+//! descriptor and hands the same one to the next generation: the bytes are
+//! written once by the old worker and read once by the new one.
+//!
+//! This module never looks inside a snapshot: its format belongs to the SDK.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use baton_worker::protocol::SNAPSHOT_SEALS;
+
+/// A checked, immutable snapshot of one generation's kept values.
+#[derive(Debug)]
+pub struct Snapshot {
+    fd: OwnedFd,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// The generation that wrote it.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// Checks a snapshot generation `generation` sent: `Ok(None)` for an
+    /// empty one (no descriptor, 0 bytes), or why it cannot be used.
+    pub fn accept(
+        generation: u64,
+        bytes: u64,
+        mut fds: Vec<OwnedFd>,
+        max_state: u64,
+    ) -> Result<Option<Snapshot>, String> {
+        if fds.len() > 1 {
+            return Err(format!(
+                "a snapshot came with {} descriptors, not one",
+                fds.len()
+            ));
+        }
+        let Some(fd) = fds.pop() else {
+            return match bytes {
+                0 => Ok(None),
+                n => Err(format!("a snapshot of {n} bytes came without its memfd")),
+            };
+        };
+        if bytes > max_state {
+            return Err(format!(
+                "its snapshot is {} but --max-state is {}",
+                size(bytes),
+                size(max_state)
+            ));
+        }
+        let seals = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+            .map_err(|e| format!("its snapshot is not a sealable memfd ({e})"))?;
+        if seals & SNAPSHOT_SEALS != SNAPSHOT_SEALS {
+            return Err(
+                "its snapshot memfd is not sealed against writes, growing and shrinking".into(),
+            );
+        }
+        let stat = nix::sys::stat::fstat(&fd).map_err(|e| format!("its snapshot: fstat: {e}"))?;
+        if stat.st_size as u64 != bytes {
+            return Err(format!(
+                "its snapshot claims {bytes} bytes but the memfd holds {}",
+                stat.st_size
+            ));
+        }
+        Ok(Some(Snapshot {
+            fd,
+            bytes,
+            generation,
+        }))
+    }
+
+    /// The descriptor, to pass on with `SCM_RIGHTS` (the kernel duplicates it).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Parses `--max-state`: `512KiB`, `64MiB`, `1GiB`, `1000000` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64MiB"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A size for people: `1.5 MiB`.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["bytes", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn memfd(content: &[u8], seal: bool) -> OwnedFd {
+        let fd = nix::sys::memfd::memfd_create(
+            c"test",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .expect("memfd");
+        let mut file = std::fs::File::from(fd);
+        file.write_all(content).expect("write");
+        let fd = OwnedFd::from(file);
+        if seal {
+            nix::fcntl::fcntl(
+                &fd,
+                nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::from_bits_truncate(
+                    SNAPSHOT_SEALS,
+                )),
+            )
+            .expect("seal");
+        }
+        fd
+    }
+
+    #[test]
+    fn accepts_a_sealed_memfd_of_the_claimed_size() {
+        let s = Snapshot::accept(3, 5, vec![memfd(b"hello", true)], 100)
+            .expect("valid")
+            .expect("not empty");
+        assert_eq!((s.bytes, s.generation), (5, 3));
+        assert!(Snapshot::accept(3, 0, vec![], 100)
+            .expect("empty")
+            .is_none());
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_trust() {
+        let err = |r: Result<Option<Snapshot>, String>| r.expect_err("must be refused");
+        assert!(
+            err(Snapshot::accept(1, 5, vec![memfd(b"hello", false)], 100)).contains("not sealed")
+        );
+        assert!(err(Snapshot::accept(1, 9, vec![memfd(b"hello", true)], 100)).contains("claims 9"));
+        assert!(err(Snapshot::accept(1, 5, vec![memfd(b"hello", true)], 4)).contains("--max-state"));
+        assert!(err(Snapshot::accept(1, 5, vec![], 100)).contains("without its memfd"));
+        let pipe = nix::unistd::pipe().expect("pipe").0;
+        assert!(err(Snapshot::accept(1, 0, vec![pipe], 100)).contains("not a sealable memfd"));
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5TB").is_err());
+        assert_eq!(size(1536), "1.5 KiB");
+        assert_eq!(size(12), "12 bytes");
+    }
+}
