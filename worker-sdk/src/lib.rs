@@ -1,19 +1,173 @@
-//! `baton-worker`: the worker side of baton.
+//! `baton-worker`: the worker side of baton, a supervisor for zero-downtime
+//! reloads.
 //!
-//! This crate owns the **worker protocol**: the messages a worker and the
-//! baton supervisor exchange over the worker channel (`BATON_CHANNEL_FD`, one
-//! end of a `SOCK_SEQPACKET` Unix socketpair), and the framing that carries
-//! them with file descriptors attached. The supervisor links this crate for
-//! the very same types, so the two sides can never disagree on the wire
-//! format.
+//! baton holds your server's listening sockets for its whole life and, on a
+//! reload, starts a new *generation* of your server on the very same
+//! sockets, waits until it is *ready*, and only then tells the old one to
+//! *drain*. Any server that takes its socket the systemd way works under
+//! baton unchanged; linking this crate makes readiness and drain exact:
 //!
-//! The major components are:
+//! - the listeners arrive by name over the worker channel and are checked
+//!   (family, type, listening) before you see them;
+//! - [`Worker::ready`] says "serve from now on" at the exact moment you
+//!   choose, not after a guessed delay;
+//! - [`Worker::drained`] resolves when *this* generation must stop (the
+//!   supervisor's message, not a signal shared with anything else), with its
+//!   deadline; `http::serve` drains axum without losing a request;
+//! - the same binary runs without baton (`cargo run`), binding its own
+//!   listeners.
 //!
-//! * [`protocol`]: the versioned messages, their size bounds and the
-//!   send/receive functions for one message with its descriptors.
+//! # Five-minute tutorial
+//!
+//! **1. Depend on it.** With axum, enable the `axum` feature for
+//! `http::serve`:
+//!
+//! ```toml
+//! [dependencies]
+//! baton-worker = { version = "0.1", features = ["axum"] }
+//! tokio = { version = "1", features = ["full"] }
+//! axum = "0.8"
+//! ```
+//!
+//! **2. Start the worker, take a listener, say ready, serve until drained.**
+//!
+//! ```no_run
+//! # #[cfg(feature = "axum")]
+//! # mod example {
+//! use axum::{routing::get, Router};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), baton_worker::Error> {
+//!     // Under baton: greets the supervisor and receives its listeners.
+//!     // Without baton: binds BATON_LISTEN, or this default.
+//!     let worker = baton_worker::Worker::builder()
+//!         .default_listener("http", "tcp://127.0.0.1:3000")
+//!         .start()
+//!         .await?;
+//!     let listener = worker.tcp_listener("http")?;
+//!     let generation = worker.generation();
+//!     let app = Router::new().route("/", get(move || async move {
+//!         format!("hello from generation {generation}\n")
+//!     }));
+//!     // Everything a request needs is in place: the old generation may go.
+//!     worker.ready()?;
+//!     // Serves until this generation is told to drain, then finishes
+//!     // every request it has and returns.
+//!     baton_worker::http::serve(listener, app, worker.drained()).await;
+//!     Ok(())
+//! }
+//! # }
+//! # fn main() {}
+//! ```
+//!
+//! **3. Run it alone.** `cargo run` serves on 127.0.0.1:3000 (generation
+//! 0, [`Worker::is_supervised`] is false). `BATON_LISTEN` overrides or adds
+//! listeners, in the syntax of `baton run --listen`:
+//!
+//! ```sh
+//! BATON_LISTEN=http=tcp://127.0.0.1:8080,admin=unix:/tmp/admin.sock cargo run
+//! ```
+//!
+//! Ctrl-C (or `SIGTERM`) drains it like a reload would; a second one exits
+//! at once.
+//!
+//! **4. Run it under baton and reload it while it serves.**
+//!
+//! ```sh
+//! baton run --listen http=tcp://127.0.0.1:8080 -- target/debug/my-server
+//! curl localhost:8080            # hello from generation 1
+//! baton reload --wait            # generation 2 is serving
+//! curl localhost:8080            # hello from generation 2
+//! ```
+//!
+//! Generation 2 starts beside generation 1 on the same socket; generation 1
+//! is told to drain only after generation 2 called `ready()`, and finishes
+//! its requests in flight (even slow ones) before it exits. `baton status`
+//! shows `"sdk": true` for both.
+//!
+//! **5. Do more when draining.** [`Worker::on_drain`] runs a hook when the
+//! drain begins; [`Worker::interval`] is a timer that stops by itself then;
+//! [`Worker::drain_deadline`] says when the supervisor will kill the
+//! process; [`Worker::status`] sets the line `baton status` shows;
+//! [`Worker::is_reload`] tells a first start from a reload.
+//!
+//! ```
+//! use std::ops::ControlFlow;
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), baton_worker::Error> {
+//! let worker = baton_worker::start().await?;
+//! if worker.is_reload() {
+//!     eprintln!("taking over from generation {}", worker.generation() - 1);
+//! }
+//! worker.on_drain(|| eprintln!("draining"));
+//! let status = worker.clone();
+//! let mut flushed = 0;
+//! worker.interval(Duration::from_secs(1), move || {
+//!     flushed += 1; // flush a buffer, refresh a cache, ...
+//!     let _ = status.status(format!("{flushed} flushes"));
+//!     ControlFlow::Continue(())
+//! });
+//! # Ok(()) }
+//! ```
+//!
+//! # When a worker drains
+//!
+//! | event | standalone | under baton |
+//! | --- | --- | --- |
+//! | the supervisor's `drain` message | — | drain, with a deadline ([`DrainCause::Supervisor`]) |
+//! | the worker channel closes | — | drain ([`DrainCause::ChannelClosed`]) |
+//! | first `SIGTERM` or `SIGINT` | drain ([`DrainCause::Signal`]) | drain (baton signals only a worker whose channel failed) |
+//! | second `SIGTERM` or `SIGINT` | exit at once, status 128 + signal | the same |
+//!
+//! [`Builder::handle_signals`]`(false)` leaves both signals to the program.
+//! A worker that ignores the drain is killed at the deadline.
+//!
+//! # Descriptors
+//!
+//! Under baton, [`start`] takes ownership of the worker channel
+//! (`BATON_CHANNEL_FD`, made close-on-exec) and of the listener copies the
+//! supervisor also placed at fds `3..3+LISTEN_FDS` for plain workers: once
+//! the same sockets have arrived over the channel, it closes those copies
+//! (only descriptors that are provably the same sockets), so each listener
+//! is open once in the worker. Do not take fd 3.. with another library as
+//! well. The environment is left as it is.
+//!
+//! **`O_NONBLOCK` is shared.** A listener is one kernel socket held by the
+//! supervisor and every generation, and the non-blocking flag belongs to
+//! the socket, not to a descriptor. tokio needs it set, so taking a
+//! listener sets it (for the std variants too, so every SDK worker sees the
+//! same flag). This is what every listenfd-style server does; baton never
+//! accepts on a listener, and this crate never clears the flag.
+//!
+//! # The crate
+//!
+//! * [`Worker`] / [`Builder`] / [`start`]: the handle, its listeners,
+//!   readiness, status and drain.
+//! * `http` (feature `axum`): `http::serve`, a drain-exact HTTP/1.1
+//!   server for an axum `Router`.
+//! * [`protocol`]: the versioned messages on the worker channel and their
+//!   framing; the supervisor links this crate for the very same types.
+//! * [`Error`]: every failure, each message naming what and which.
 //!
 //! This crate never forks, execs or signals a process.
+
 #![deny(missing_docs)]
 
+mod channel;
+mod drain;
+mod error;
+#[cfg(feature = "axum")]
+pub mod http;
+mod listen;
+mod listeners;
 pub mod protocol;
 mod sys;
+mod worker;
+
+pub use drain::DrainCause;
+pub use error::{Error, KindName};
+pub use listen::LISTEN_ENV;
+pub use protocol::{ListenerInfo, ListenerKind};
+pub use worker::{start, Builder, Worker};

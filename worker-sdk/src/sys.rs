@@ -1,8 +1,15 @@
 //! The only place in `baton-worker` that turns raw descriptor numbers into
-//! owned ones. Everything else handles `OwnedFd`/`BorrowedFd`.
+//! owned ones, or looks at a descriptor it does not own. Everything else
+//! handles `OwnedFd`/`BorrowedFd`.
 //!
-//! It never creates, duplicates or closes descriptors on its own.
+//! It also registers the worker channel with tokio's reactor. It takes
+//! ownership of exactly three kinds of descriptor: those the kernel
+//! just installed through `SCM_RIGHTS`, the worker channel named by
+//! `BATON_CHANNEL_FD`, and the inherited duplicates of listeners that
+//! [`close_inherited`] closes. It never creates or duplicates descriptors.
 
+use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// Takes ownership of descriptors the kernel just installed in this process
@@ -14,4 +21,72 @@ pub(crate) fn own_received(fds: &[RawFd]) -> Vec<OwnedFd> {
         // so this is their one and only owner.
         .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect()
+}
+
+/// Registers our end of the worker channel with the tokio reactor (of the
+/// runtime the caller has entered).
+pub(crate) fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open,
+    // refers to the same socket and is not reused for as long as it is
+    // registered.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(Into::into)
+}
+
+/// What `fstat` says about a descriptor number this crate does not own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawStat {
+    /// The device and inode: equal for two descriptors of the same socket.
+    pub(crate) id: (u64, u64),
+    /// Whether it is a socket.
+    pub(crate) is_socket: bool,
+}
+
+/// `fstat` on a bare descriptor number; `EBADF` if nothing is open there.
+pub(crate) fn stat_raw(fd: RawFd) -> io::Result<RawStat> {
+    let mut stat = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat only writes into the buffer we pass, which is large
+    // enough for a `struct stat`; any integer is a valid argument (a closed
+    // number fails with EBADF).
+    let rc = unsafe { libc::fstat(fd, stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat returned 0, so it filled the whole buffer.
+    let stat = unsafe { stat.assume_init() };
+    Ok(RawStat {
+        id: (stat.st_dev, stat.st_ino),
+        is_socket: stat.st_mode & libc::S_IFMT == libc::S_IFSOCK,
+    })
+}
+
+/// Takes ownership of the worker channel, descriptor `fd`, named by
+/// `BATON_CHANNEL_FD`. Fails if nothing is open there.
+///
+/// The caller makes sure this happens at most once per process (see
+/// `worker::CHANNEL_TAKEN`).
+pub(crate) fn take_channel(fd: RawFd) -> io::Result<OwnedFd> {
+    stat_raw(fd)?;
+    // SAFETY: the supervisor placed the channel at this number for this
+    // process (the environment says so, and LISTEN_PID was checked); it is
+    // open (fstat succeeded), and the one-start-per-process guard makes this
+    // its only owner in the process.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Closes descriptor `fd`, an inherited duplicate of a listener this
+/// process already holds through the worker channel.
+pub(crate) fn close_inherited(fd: RawFd) {
+    // SAFETY: the caller checked that `fd` is an inherited copy (in
+    // 3..3+LISTEN_FDS, LISTEN_PID ours) of a socket we hold another
+    // descriptor of; the supervisor placed it for this process, and
+    // `baton_worker::start` documents that it owns these copies, so nothing
+    // else in the process refers to it. Dropping the `OwnedFd` closes it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+}
+
+/// Test support: a duplicate of `fd` at the lowest free number at or above
+/// `min`, as a bare number (as an inherited descriptor would be).
+#[cfg(test)]
+pub(crate) fn dup_at_least(fd: std::os::fd::BorrowedFd<'_>, min: RawFd) -> RawFd {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min)).expect("F_DUPFD_CLOEXEC")
 }
