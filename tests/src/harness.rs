@@ -161,13 +161,17 @@ impl BatonBuilder {
     /// The Python worker, reading extra flags from `<dir>/flags` at each
     /// start, so a test can make the next generation misbehave.
     pub fn pyworker(self, flags: &str) -> Self {
+        let python = format!("python3 {}", pyworker().display());
+        self.flagged(&python, flags)
+    }
+
+    /// Runs `command` (a shell word list) with the extra arguments in
+    /// `<dir>/flags`, read again at each start: write that file (see
+    /// [`Baton::set_flags`]) to change what the next generation does.
+    pub fn flagged(self, command: &str, flags: &str) -> Self {
         let flags_file = self.dir.path().join("flags");
         std::fs::write(&flags_file, flags).expect("writing the worker flags file");
-        let script = format!(
-            "exec python3 {} $(cat {})",
-            pyworker().display(),
-            flags_file.display()
-        );
+        let script = format!("exec {command} $(cat {})", flags_file.display());
         self.worker(["sh", "-c", &script])
     }
 
@@ -244,6 +248,12 @@ impl Baton {
             control: None,
             wrap: Vec::new(),
         }
+    }
+
+    /// Sets the extra arguments of the next generation (see
+    /// [`BatonBuilder::flagged`]).
+    pub fn set_flags(&self, flags: &str) {
+        std::fs::write(self.dir.path().join("flags"), flags).expect("writing worker flags");
     }
 
     /// baton's pid.

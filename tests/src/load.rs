@@ -297,6 +297,10 @@ pub struct LoadReport {
     pub generations: BTreeMap<u64, u64>,
     /// `ok` responses without a readable `generation`.
     pub without_generation: u64,
+    /// `ok` responses whose JSON body says `"after_freeze": true`: a write
+    /// to kept state the server reported as made after its values were
+    /// handed to the next generation (see the `counter` example).
+    pub after_freeze: u64,
     /// Connections opened successfully.
     pub connections: u64,
     /// The first failures, at most [`LoadConfig::max_details`].
@@ -518,8 +522,12 @@ impl Shared {
         }
         *report.counts.get_mut(outcome.bin) += 1;
         match outcome.result {
-            Ok(generation) => {
+            Ok(Seen {
+                generation,
+                after_freeze,
+            }) => {
                 report.latencies.push(outcome.elapsed);
+                report.after_freeze += u64::from(after_freeze);
                 match generation {
                     Some(generation) => *report.generations.entry(generation).or_insert(0) += 1,
                     None => report.without_generation += 1,
@@ -663,8 +671,8 @@ impl Drop for LoadHandle {
 /// How one request ended, as a task reports it.
 struct Outcome {
     bin: Bin,
-    /// `Ok(generation)` for `Bin::Ok`, else the failure's message.
-    result: Result<Option<u64>, String>,
+    /// What the body said for `Bin::Ok`, else the failure's message.
+    result: Result<Seen, String>,
     elapsed: Duration,
     /// Set when a first attempt on a reused connection was retried.
     retry: Option<Retry>,
@@ -771,7 +779,7 @@ async fn one_request(
         ),
         Ok(Err(failure)) => (failure.bin, Err(format!("GET {path}: {}", failure.message))),
         Ok(Ok(response)) if (200..300).contains(&response.status) => {
-            (Bin::Ok, Ok(generation_of(&response.body)))
+            (Bin::Ok, Ok(Seen::of(&response.body)))
         }
         Ok(Ok(response)) => (
             Bin::BadStatus,
@@ -798,9 +806,23 @@ fn host_header(target: &Target) -> String {
     }
 }
 
-fn generation_of(body: &[u8]) -> Option<u64> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    value.get("generation")?.as_u64()
+/// What a successful response's JSON body says.
+#[derive(Debug, Default)]
+struct Seen {
+    generation: Option<u64>,
+    after_freeze: bool,
+}
+
+impl Seen {
+    fn of(body: &[u8]) -> Seen {
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Seen::default();
+        };
+        Seen {
+            generation: value.get("generation").and_then(|g| g.as_u64()),
+            after_freeze: value.get("after_freeze") == Some(&serde_json::Value::Bool(true)),
+        }
+    }
 }
 
 /// A byte stream to the server.

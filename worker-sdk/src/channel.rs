@@ -1,6 +1,8 @@
 //! The worker's end of the worker channel: the hello/welcome handshake, a
 //! reader task that turns the supervisor's `drain` (or the channel closing)
-//! into the worker's drain, and sending without ever blocking the caller.
+//! into the worker's drain and answers `freeze`/`thaw` with the kept values,
+//! the `take_state` request and its answer, and sending without ever
+//! blocking the caller.
 //!
 //! Sending is synchronous so `ready()` and `status()` work anywhere, in a
 //! hook or a timer too: a message goes straight onto the socket; if the
@@ -15,13 +17,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::drain::{DrainCause, DrainState};
 use crate::error::Error;
 use crate::protocol::{
-    self, ListenerInfo, ProtocolError, SupervisorMessage, WorkerMessage, PROTOCOL_VERSION,
+    self, ListenerInfo, ProtocolError, StateSource, SupervisorMessage, WorkerMessage,
+    PROTOCOL_VERSION,
 };
+use crate::state::Shared;
 
 /// What the supervisor's welcome gave this worker.
 #[derive(Debug)]
@@ -32,8 +36,9 @@ pub(crate) struct Welcome {
 
 #[derive(Debug, Default)]
 struct Outbox {
-    /// Messages the socket had no room for, oldest first.
-    queue: VecDeque<WorkerMessage>,
+    /// Messages the socket had no room for, oldest first, each with the
+    /// descriptor it carries.
+    queue: VecDeque<(WorkerMessage, Option<OwnedFd>)>,
     /// Set once the supervisor's end is gone: later sends fail.
     closed: bool,
 }
@@ -47,6 +52,17 @@ pub(crate) struct Channel {
     /// Notified when the outbox gains a message; the writer task waits on
     /// it. `notify_one` stores a permit, so no wake-up is lost.
     wake: Notify,
+    /// Where the answer to `TakeState` goes; the reader task fills it.
+    state_reply: Mutex<Option<oneshot::Sender<StateReply>>>,
+}
+
+/// The supervisor's answer to `TakeState`.
+#[derive(Debug)]
+pub(crate) struct StateReply {
+    pub(crate) source: StateSource,
+    pub(crate) generation: Option<u64>,
+    pub(crate) bytes: u64,
+    pub(crate) fd: Option<OwnedFd>,
 }
 
 impl Channel {
@@ -56,6 +72,7 @@ impl Channel {
             fd: crate::sys::async_fd(fd)?,
             outbox: Mutex::default(),
             wake: Notify::new(),
+            state_reply: Mutex::new(None),
         })
     }
 
@@ -96,12 +113,22 @@ impl Channel {
     /// Sends `message` now, or queues it for the writer task if the socket
     /// is full. Fails only if the channel is closed or broken.
     pub(crate) fn send(&self, message: WorkerMessage) -> Result<(), ProtocolError> {
+        self.send_with(message, None)
+    }
+
+    /// [`send`](Self::send), with a descriptor attached (a snapshot memfd).
+    pub(crate) fn send_with(
+        &self,
+        message: WorkerMessage,
+        fd: Option<OwnedFd>,
+    ) -> Result<(), ProtocolError> {
         let mut out = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
         if out.closed {
             return Err(ProtocolError::Closed);
         }
         if out.queue.is_empty() {
-            match protocol::send(self.fd.get_ref().as_fd(), &message, &[]) {
+            let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
+            match protocol::send(self.fd.get_ref().as_fd(), &message, &fds) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_would_block() => {}
                 Err(e) => {
@@ -114,11 +141,11 @@ impl Channel {
         }
         // Only the newest status matters.
         let replaces_status = matches!(message, WorkerMessage::Status { .. })
-            && matches!(out.queue.back(), Some(WorkerMessage::Status { .. }));
+            && matches!(out.queue.back(), Some((WorkerMessage::Status { .. }, _)));
         if replaces_status {
             out.queue.pop_back();
         }
-        out.queue.push_back(message);
+        out.queue.push_back((message, fd));
         self.wake.notify_one();
         Ok(())
     }
@@ -137,10 +164,11 @@ impl Channel {
                     }
                 };
                 let mut out = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
-                let Some(front) = out.queue.front() else {
+                let Some((front, fd)) = out.queue.front() else {
                     break;
                 };
-                match protocol::send(self.fd.get_ref().as_fd(), front, &[]) {
+                let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
+                match protocol::send(self.fd.get_ref().as_fd(), front, &fds) {
                     Ok(()) => {
                         out.queue.pop_front();
                     }
@@ -169,12 +197,43 @@ impl Channel {
     /// with it; the channel closing (the supervisor is gone) drains too.
     /// Messages it does not know (a newer supervisor's) are logged and
     /// skipped.
-    pub(crate) async fn read_task(self: Arc<Self>, drain: Arc<DrainState>) {
+    pub(crate) async fn read_task(self: Arc<Self>, drain: Arc<DrainState>, state: Arc<Shared>) {
         loop {
             match self.recv().await {
                 Ok((SupervisorMessage::Drain { timeout_ms }, _fds)) => {
                     let timeout = Duration::from_millis(timeout_ms);
                     drain.fire(DrainCause::Supervisor { timeout }, Some(timeout));
+                }
+                Ok((SupervisorMessage::Freeze, _fds)) => self.freeze(&state).await,
+                Ok((SupervisorMessage::Thaw, _fds)) => {
+                    state.thaw();
+                    tracing::info!("thawed: the next generation failed; serving on");
+                }
+                Ok((
+                    SupervisorMessage::State {
+                        source,
+                        generation,
+                        bytes,
+                    },
+                    mut fds,
+                )) => {
+                    let reply = StateReply {
+                        source,
+                        generation,
+                        bytes,
+                        fd: fds.pop(),
+                    };
+                    let waiting = self
+                        .state_reply
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take();
+                    match waiting {
+                        Some(tx) => {
+                            let _ = tx.send(reply);
+                        }
+                        None => tracing::warn!("worker channel: kept values nobody asked for"),
+                    }
                 }
                 Ok((other, _fds)) => {
                     tracing::warn!(
@@ -188,6 +247,48 @@ impl Channel {
                 }
                 Err(e) => tracing::warn!("{e}; ignored"),
             }
+        }
+    }
+
+    /// Asks for the previous generation's kept values and waits for them.
+    pub(crate) async fn take_state(&self) -> Result<StateReply, ProtocolError> {
+        let (tx, rx) = oneshot::channel();
+        *self
+            .state_reply
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        self.send(WorkerMessage::TakeState)?;
+        rx.await.map_err(|_| ProtocolError::Closed)
+    }
+
+    /// Freezes the worker and sends its snapshot (serialized off the async
+    /// threads: it may be large).
+    async fn freeze(&self, state: &Arc<Shared>) {
+        state.freeze();
+        let writer = state.clone();
+        let snapshot = tokio::task::spawn_blocking(move || writer.snapshot(true)).await;
+        let sent = match snapshot {
+            Ok(Ok(Some((fd, bytes)))) => {
+                tracing::info!("frozen: {bytes} bytes of kept values handed over");
+                self.send_with(WorkerMessage::Frozen { bytes }, Some(fd))
+            }
+            Ok(Ok(None)) => self.send(WorkerMessage::Frozen { bytes: 0 }),
+            Ok(Err(e)) => {
+                state.thaw();
+                tracing::error!("saving the kept values for the next generation: {e}");
+                self.send(WorkerMessage::FreezeFailed {
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => {
+                state.thaw();
+                self.send(WorkerMessage::FreezeFailed {
+                    reason: format!("the snapshot task failed: {e}"),
+                })
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!("worker channel: answering the freeze: {e}");
         }
     }
 

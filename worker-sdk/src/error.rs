@@ -177,6 +177,36 @@ pub enum Error {
         #[source]
         source: ProtocolError,
     },
+
+    /// The previous generation's kept values cannot be used; the supervisor
+    /// was told, and fails the reload (the old generation serves on).
+    #[error("rejecting the previous generation's kept values: {reason}")]
+    StateRejected {
+        /// Why.
+        reason: String,
+    },
+
+    /// `keep` was called twice with one name.
+    #[error("kept value `{name}` is kept already; keep each name once and clone the handle")]
+    DuplicateKeep {
+        /// The name.
+        name: String,
+    },
+
+    /// Writing the kept values into a snapshot failed.
+    #[error("writing the kept values into a snapshot: {source}")]
+    Snapshot {
+        /// Why.
+        source: std::io::Error,
+    },
+
+    /// A socket passed by socket activation (`LISTEN_FDS`, without baton)
+    /// cannot be used.
+    #[error("socket activation: {reason}")]
+    Activation {
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// A [`ListenerKind`] as it reads in messages: `tcp`, `udp`, `unix`,

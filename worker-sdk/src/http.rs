@@ -106,6 +106,77 @@ where
     drain_tx.closed().await;
 }
 
+/// [`serve`] for a [`Worker`](crate::Worker): serves until the worker
+/// drains, and also pauses while it is **frozen** (its kept values are being
+/// handed to the next generation): it stops accepting, so new clients wait in
+/// the kernel's queue for the next generation, and its open connections
+/// finish the request in flight and close (`Connection: close`), so no
+/// client goes on writing to values that have moved on. If the next
+/// generation fails and this one thaws, it accepts again.
+///
+/// ```no_run
+/// use axum::{routing::get, Router};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), baton_worker::Error> {
+///     let worker = baton_worker::start().await?;
+///     let hits = worker.keep("hits", || 0u64).await?;
+///     let listener = worker.tcp_listener("http")?;
+///     let app = Router::new().route("/", get(move || async move {
+///         hits.update(|n| { *n += 1; n.to_string() })
+///     }));
+///     worker.ready()?;
+///     baton_worker::http::serve_worker(&worker, listener, app).await;
+///     Ok(())
+/// }
+/// ```
+pub async fn serve_worker<L>(worker: &crate::Worker, mut listener: L, app: Router)
+where
+    L: Listener,
+{
+    let drained = worker.drained();
+    tokio::pin!(drained);
+    let mut frozen = worker.frozen_watch();
+    // Connections are closed in cohorts: a freeze closes every connection
+    // accepted before it; a thaw starts a new cohort.
+    let (mut close_tx, mut close_rx) = watch::channel(false);
+    let mut closed_cohorts: Vec<watch::Sender<bool>> = Vec::new();
+    'serve: loop {
+        if *frozen.borrow_and_update() {
+            close_tx.send_replace(true);
+            let (tx, rx) = watch::channel(false);
+            closed_cohorts.push(std::mem::replace(&mut close_tx, tx));
+            close_rx = rx;
+            // Paused: wait for a thaw, or the drain that follows a handover.
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut drained => break 'serve,
+                    changed = frozen.changed() => {
+                        if changed.is_err() || !*frozen.borrow_and_update() {
+                            continue 'serve;
+                        }
+                    }
+                }
+            }
+        }
+        let io = tokio::select! {
+            biased;
+            () = &mut drained => break,
+            _ = frozen.changed() => continue,
+            (io, _peer) = listener.accept() => io,
+        };
+        tokio::spawn(serve_connection(io, app.clone(), close_rx.clone()));
+    }
+    close_tx.send_replace(true);
+    drop(listener);
+    drop(close_rx);
+    closed_cohorts.push(close_tx);
+    for cohort in closed_cohorts {
+        cohort.closed().await;
+    }
+}
+
 /// Serves one connection; see [`serve`] for how it drains.
 async fn serve_connection<I>(io: I, app: Router, mut drain: watch::Receiver<bool>)
 where

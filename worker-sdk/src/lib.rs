@@ -163,6 +163,7 @@ pub mod http;
 mod listen;
 mod listeners;
 pub mod protocol;
+mod state;
 mod sys;
 mod worker;
 
@@ -170,4 +171,5 @@ pub use drain::DrainCause;
 pub use error::{Error, KindName};
 pub use listen::LISTEN_ENV;
 pub use protocol::{ListenerInfo, ListenerKind};
+pub use state::{Frozen, Kept};
 pub use worker::{start, Builder, Worker};

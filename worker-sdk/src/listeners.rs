@@ -262,6 +262,69 @@ pub(crate) fn close_inherited_duplicates(
     closed
 }
 
+/// What kind of listener `fd` is, if it is one baton's kinds.
+fn kind_of(fd: BorrowedFd<'_>) -> Result<ListenerKind, String> {
+    [
+        ListenerKind::Tcp,
+        ListenerKind::Udp,
+        ListenerKind::Unix,
+        ListenerKind::UnixDgram,
+    ]
+    .into_iter()
+    .find(|&kind| check_kind(fd, kind).is_ok())
+    .ok_or_else(|| match shape(fd) {
+        Ok(s) => describe(s),
+        Err(e) => e,
+    })
+}
+
+/// Takes the sockets passed by socket activation without baton (systemd,
+/// `systemfd`): `LISTEN_FDS` descriptors at 3.., named by `LISTEN_FDNAMES`,
+/// if `LISTEN_PID` is this process. None otherwise.
+pub(crate) fn take_activated() -> Result<Vec<(String, ListenerKind, OwnedFd)>, Error> {
+    let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
+    let (Some(pid), Some(count)) = (env("LISTEN_PID"), env("LISTEN_FDS")) else {
+        return Ok(Vec::new());
+    };
+    if pid != std::process::id().to_string() {
+        return Ok(Vec::new());
+    }
+    // The descriptors can be owned once per process.
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Vec::new());
+    }
+    let bad = |reason: String| Error::Activation { reason };
+    let count: usize = count
+        .parse()
+        .map_err(|_| bad(format!("LISTEN_FDS is {count:?}, not a number")))?;
+    let names: Vec<String> = env("LISTEN_FDNAMES")
+        .map(|n| n.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut taken = Vec::new();
+    for i in 0..count {
+        let raw = 3 + i as std::os::fd::RawFd;
+        let fd = crate::sys::take_activated(raw)
+            .map_err(|e| bad(format!("descriptor {raw} (LISTEN_FDS={count}): {e}")))?;
+        let name = names.get(i).cloned().unwrap_or_else(|| {
+            // systemfd and plain `LISTEN_FDS=1` setups give no names: the
+            // first socket answers to "http" as well as to its number.
+            if i == 0 {
+                "http".to_owned()
+            } else {
+                format!("fd{raw}")
+            }
+        });
+        let kind = kind_of(fd.as_fd()).map_err(|found| {
+            bad(format!(
+                "descriptor {raw} (`{name}`) is {found}, not a listener"
+            ))
+        })?;
+        taken.push((name, kind, fd));
+    }
+    Ok(taken)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -73,6 +73,21 @@ pub(crate) fn take_channel(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Takes ownership of descriptor `fd`, passed by socket activation
+/// (`LISTEN_PID` named this process), and makes it close-on-exec.
+pub(crate) fn take_activated(fd: RawFd) -> io::Result<OwnedFd> {
+    stat_raw(fd)?;
+    // SAFETY: the socket-activation protocol gave this number to this process
+    // (LISTEN_PID matched, the caller checked); it is open (fstat succeeded)
+    // and nothing else in the process has taken it: `start` runs once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(owned)
+}
+
 /// Closes descriptor `fd`, an inherited duplicate of a listener this
 /// process already holds through the worker channel.
 pub(crate) fn close_inherited(fd: RawFd) {

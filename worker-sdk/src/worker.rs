@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
@@ -25,7 +27,8 @@ use crate::drain::{self, DrainCause, DrainState};
 use crate::error::Error;
 use crate::listen::{self, LISTEN_ENV};
 use crate::listeners::{self, Listeners};
-use crate::protocol::{ListenerInfo, ListenerKind, WorkerMessage, CHANNEL_FD_ENV};
+use crate::protocol::{ListenerInfo, ListenerKind, StateSource, WorkerMessage, CHANNEL_FD_ENV};
+use crate::state::{self, Kept, Migrate};
 use crate::sys;
 
 /// Set when a start in this process took the worker channel: the channel
@@ -60,10 +63,23 @@ pub async fn start() -> Result<Worker, Error> {
 
 /// How to start a [`Worker`]: default listeners for standalone runs, and
 /// whether to handle `SIGTERM`/`SIGINT`. Made by [`Worker::builder`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Builder {
     defaults: Vec<(String, String)>,
     signals: bool,
+    state_format: u32,
+    migrate: Option<Migrate>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("defaults", &self.defaults)
+            .field("signals", &self.signals)
+            .field("state_format", &self.state_format)
+            .field("migrate", &self.migrate.is_some())
+            .finish()
+    }
 }
 
 impl Builder {
@@ -95,6 +111,48 @@ impl Builder {
         self
     }
 
+    /// The version of this program's kept values (default 1). Raise it when
+    /// a kept value's type changes shape; snapshots of an older format are
+    /// then passed through [`migrate_state`](Self::migrate_state), and a
+    /// snapshot of a newer format (a rollback) is rejected, which fails the
+    /// reload before the old generation stops serving.
+    pub fn state_format(mut self, version: u32) -> Self {
+        self.state_format = version;
+        self
+    }
+
+    /// How to upgrade kept values written with an older state format: gets
+    /// the old format and the values by name (JSON), changes them in place,
+    /// or returns why it cannot (the reload then fails, the old generation
+    /// serves on).
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), baton_worker::Error> {
+    /// let worker = baton_worker::Worker::builder()
+    ///     .state_format(2)
+    ///     .migrate_state(|from, values| {
+    ///         // Format 1 kept `hits` as a number; 2 keeps `stats` as an object.
+    ///         if from == 1 {
+    ///             let hits = values.remove("hits").unwrap_or_default();
+    ///             values.insert("stats".into(), serde_json::json!({ "hits": hits }));
+    ///         }
+    ///         Ok(())
+    ///     })
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn migrate_state(
+        mut self,
+        migrate: impl Fn(u32, &mut serde_json::Map<String, serde_json::Value>) -> Result<(), String>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.migrate = Some(Arc::new(migrate));
+        self
+    }
+
     /// Starts the worker: under baton (`BATON_CHANNEL_FD` is set), greets the
     /// supervisor, receives and checks its listeners, and closes the
     /// inherited copies of them at fds 3..; standalone, binds the listeners
@@ -105,6 +163,7 @@ impl Builder {
     /// take those with another library (`listenfd`, `sd_listen_fds`).
     pub async fn start(self) -> Result<Worker, Error> {
         let runtime = Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let state = Arc::new(state::Shared::new(self.state_format, self.migrate.clone()));
         let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
         let worker = match env(CHANNEL_FD_ENV) {
             Some(value) => {
@@ -120,9 +179,9 @@ impl Builder {
                     .and_then(|n| n.parse::<RawFd>().ok())
                     .unwrap_or(0)
                     .clamp(0, 65536);
-                supervised(runtime, channel, 3..3 + listen_fds).await?
+                supervised(runtime, channel, 3..3 + listen_fds, state).await?
             }
-            None => standalone(runtime, &self.defaults, env(LISTEN_ENV).as_deref())?,
+            None => standalone(runtime, &self.defaults, env(LISTEN_ENV).as_deref(), state)?,
         };
         if self.signals {
             worker.watch_signals()?;
@@ -156,6 +215,7 @@ pub(crate) async fn supervised(
     runtime: Handle,
     channel: OwnedFd,
     inherited: Range<RawFd>,
+    state: Arc<state::Shared>,
 ) -> Result<Worker, Error> {
     let raw = channel.as_raw_fd();
     let channel_error = |reason: String| Error::Channel { fd: raw, reason };
@@ -210,10 +270,13 @@ pub(crate) async fn supervised(
         drain: Arc::new(DrainState::new()),
         ready_sent: AtomicBool::new(false),
         runtime,
+        state,
     });
-    inner
-        .runtime
-        .spawn(channel.clone().read_task(inner.drain.clone()));
+    inner.runtime.spawn(
+        channel
+            .clone()
+            .read_task(inner.drain.clone(), inner.state.clone()),
+    );
     inner.runtime.spawn(channel.write_task());
     Ok(Worker { inner })
 }
@@ -224,6 +287,7 @@ fn standalone(
     runtime: Handle,
     defaults: &[(String, String)],
     listen_env: Option<&str>,
+    state: Arc<state::Shared>,
 ) -> Result<Worker, Error> {
     let mut specs = Vec::new();
     for (name, addr) in defaults {
@@ -249,7 +313,10 @@ fn standalone(
             }
         }
     }
-    let mut bound = Vec::new();
+    // Socket activation without baton (systemd, `systemfd`): the sockets
+    // passed at fds 3.. take the place of the specs of the same name.
+    let mut bound = listeners::take_activated()?;
+    specs.retain(|spec| !bound.iter().any(|(name, _, _)| *name == spec.name));
     for spec in specs {
         let fd = listen::bind(&spec.addr).map_err(|source| Error::Bind {
             name: spec.name.clone(),
@@ -267,6 +334,7 @@ fn standalone(
             drain: Arc::new(DrainState::new()),
             ready_sent: AtomicBool::new(false),
             runtime,
+            state,
         }),
     })
 }
@@ -315,6 +383,8 @@ struct Inner {
     /// The runtime `start` ran on: timers and tokio sockets are made on it,
     /// so they work when asked for from any thread.
     runtime: Handle,
+    /// Kept values, the frozen flag, the previous generation's values.
+    state: Arc<state::Shared>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -345,6 +415,8 @@ impl Worker {
         Builder {
             defaults: Vec::new(),
             signals: true,
+            state_format: 1,
+            migrate: None,
         }
     }
 
@@ -632,6 +704,154 @@ impl Worker {
         self.take(name, ListenerKind::UnixDgram).map(Into::into)
     }
 
+    /// The value the previous generation kept under `name`, or `init()` on
+    /// a first start (or when it kept nothing under that name).
+    ///
+    /// The first call asks the supervisor for the previous generation's
+    /// values, and the supervisor **freezes** that generation for the
+    /// hand-over: it stops accepting (clients wait in the kernel's queue),
+    /// finishes its requests in flight, and writes its values. So call
+    /// `keep` after slow initialisation, just before [`ready`](Self::ready).
+    /// If this generation then fails before it is ready, the old one thaws
+    /// and serves on with its values.
+    ///
+    /// A value of the previous generation that does not decode as `T`, or a
+    /// snapshot this program cannot read (see
+    /// [`Builder::state_format`]), is **rejected**: the supervisor fails the
+    /// reload before cut-over and this returns the reason. Without baton,
+    /// every value starts from `init()`.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), baton_worker::Error> {
+    /// let worker = baton_worker::start().await?;
+    /// let visits = worker.keep("visits", || 0u64).await?;
+    /// worker.ready()?;
+    /// visits.update(|n| *n += 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn keep<T>(&self, name: &str, init: impl FnOnce() -> T) -> Result<Kept<T>, Error>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let shared = &self.inner.state;
+        let previous = shared
+            .previous
+            .get_or_try_init(|| self.load_previous())
+            .await?;
+        let value = match state::claim::<T>(previous, name) {
+            Ok(Some(value)) => value,
+            Ok(None) => init(),
+            Err(reason) => return Err(self.reject(reason)),
+        };
+        shared
+            .register(name, value)
+            .map_err(|()| Error::DuplicateKeep {
+                name: name.to_owned(),
+            })
+    }
+
+    /// Asks the supervisor for the previous generation's values.
+    async fn load_previous(
+        &self,
+    ) -> Result<std::sync::Mutex<serde_json::Map<String, serde_json::Value>>, Error> {
+        let Some(channel) = &self.inner.channel else {
+            return Ok(Default::default());
+        };
+        let reply = channel.take_state().await.map_err(|source| Error::Send {
+            what: "a request for the kept values",
+            source,
+        })?;
+        let values = match reply.fd {
+            None => Default::default(),
+            Some(fd) => {
+                let shared = self.inner.state.clone();
+                let bytes = reply.bytes;
+                let loaded = tokio::task::spawn_blocking(move || shared.load(fd, bytes))
+                    .await
+                    .map_err(|e| format!("the loading task failed: {e}"))
+                    .and_then(|r| r);
+                match loaded {
+                    Ok(values) => values,
+                    Err(reason) => return Err(self.reject(reason)),
+                }
+            }
+        };
+        tracing::info!(
+            "kept values: {} from {}",
+            values.len(),
+            match (reply.source, reply.generation) {
+                (StateSource::Snapshot, Some(g)) => format!("generation {g}, frozen for us"),
+                (StateSource::Checkpoint, Some(g)) => format!("generation {g}'s last checkpoint"),
+                _ => "nowhere: a first start".to_owned(),
+            }
+        );
+        Ok(std::sync::Mutex::new(values))
+    }
+
+    /// Tells the supervisor the kept values cannot be used; the error for
+    /// the caller.
+    fn reject(&self, reason: String) -> Error {
+        if let Some(channel) = &self.inner.channel {
+            let _ = channel.send(WorkerMessage::Rejected {
+                reason: reason.clone(),
+            });
+        }
+        Error::StateRejected { reason }
+    }
+
+    /// Hands the current kept values to the supervisor, which keeps the
+    /// latest: if this worker crashes, the next one starts from them rather
+    /// than from nothing. Writes every value (blocking; from an async task
+    /// with large values, use `spawn_blocking`). Does nothing without baton,
+    /// without kept values, or while frozen (the values already moved on).
+    ///
+    /// ```no_run
+    /// # async fn doc(worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+    /// let checkpointer = worker.clone();
+    /// worker.interval(std::time::Duration::from_secs(1), move || {
+    ///     let _ = checkpointer.checkpoint();
+    ///     std::ops::ControlFlow::Continue(())
+    /// });
+    /// # Ok(()) }
+    /// ```
+    pub fn checkpoint(&self) -> Result<(), Error> {
+        let Some(channel) = &self.inner.channel else {
+            return Ok(());
+        };
+        if self.inner.state.is_frozen() {
+            return Ok(());
+        }
+        match self.inner.state.snapshot(false) {
+            Ok(Some((fd, bytes))) => channel
+                .send_with(WorkerMessage::Checkpoint { bytes }, Some(fd))
+                .map_err(|source| Error::Send {
+                    what: "a checkpoint",
+                    source,
+                }),
+            Ok(None) => Ok(()),
+            Err(source) => Err(Error::Snapshot { source }),
+        }
+    }
+
+    /// How many writes to kept values were made while this generation was
+    /// frozen: they will not reach the next generation (unless it fails and
+    /// this one thaws).
+    pub fn writes_after_freeze(&self) -> u64 {
+        self.inner.state.late_writes()
+    }
+
+    /// Whether this generation is frozen: its kept values were handed to the
+    /// next generation, which is starting.
+    pub fn is_frozen(&self) -> bool {
+        self.inner.state.is_frozen()
+    }
+
+    /// A watch of the frozen flag, for accept loops that must pause while
+    /// frozen (`http::serve_worker` uses it).
+    pub fn frozen_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.state.gate()
+    }
+
     fn take(&self, name: &str, kind: ListenerKind) -> Result<OwnedFd, Error> {
         self.inner.listeners.take(name, kind)
     }
@@ -681,6 +901,10 @@ fn register_error(name: &str, source: std::io::Error) -> Error {
 mod tests {
     use super::*;
     use crate::protocol::{self, SupervisorMessage, PROTOCOL_VERSION};
+
+    fn fresh_state() -> Arc<state::Shared> {
+        Arc::new(state::Shared::new(1, None))
+    }
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     use std::net::{TcpListener, UdpSocket};
 
@@ -742,7 +966,7 @@ mod tests {
         let addr = tcp.local_addr().unwrap();
         let supervisor =
             fake_supervisor(ours, 3, vec![(info("http", ListenerKind::Tcp), tcp.into())]);
-        let worker = supervised(Handle::current(), theirs, 0..0)
+        let worker = supervised(Handle::current(), theirs, 0..0, fresh_state())
             .await
             .expect("start");
         let ours = supervisor.join().unwrap();
@@ -804,7 +1028,7 @@ mod tests {
     async fn a_closed_channel_drains_and_later_sends_fail() {
         let (ours, theirs) = pair();
         let supervisor = fake_supervisor(ours, 1, vec![]);
-        let worker = supervised(Handle::current(), theirs, 0..0)
+        let worker = supervised(Handle::current(), theirs, 0..0, fresh_state())
             .await
             .expect("start");
         assert!(!worker.is_reload());
@@ -826,7 +1050,7 @@ mod tests {
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let supervisor =
             fake_supervisor(ours, 1, vec![(info("http", ListenerKind::Tcp), udp.into())]);
-        let err = supervised(Handle::current(), theirs, 0..0)
+        let err = supervised(Handle::current(), theirs, 0..0, fresh_state())
             .await
             .expect_err("a UDP socket declared as TCP");
         drop(supervisor.join());
@@ -842,7 +1066,7 @@ mod tests {
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let fd: OwnedFd = tcp.into();
         let raw = fd.as_raw_fd();
-        let err = supervised(Handle::current(), fd, 0..0)
+        let err = supervised(Handle::current(), fd, 0..0, fresh_state())
             .await
             .expect_err("not a channel");
         assert_eq!(
@@ -886,6 +1110,7 @@ mod tests {
                 ("admin".into(), "tcp://127.0.0.1:0".into()),
             ],
             Some("http=udp://127.0.0.1:0,extra=udp://[::1]:0"),
+            fresh_state(),
         );
         let worker = match worker {
             Ok(w) => w,
@@ -897,6 +1122,7 @@ mod tests {
                     ("admin".into(), "tcp://127.0.0.1:0".into()),
                 ],
                 Some("http=udp://127.0.0.1:0,extra=udp://127.0.0.1:0"),
+                fresh_state(),
             )
             .expect("standalone"),
             Err(e) => panic!("{e}"),
@@ -927,14 +1153,25 @@ mod tests {
 
     #[tokio::test]
     async fn standalone_errors_name_the_entry() {
-        let err = standalone(Handle::current(), &[], Some("http=tcp://localhost:80")).unwrap_err();
+        let err = standalone(
+            Handle::current(),
+            &[],
+            Some("http=tcp://localhost:80"),
+            fresh_state(),
+        )
+        .unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("parsing BATON_LISTEN \"http=tcp://localhost:80\": "),
             "{err}"
         );
-        let err =
-            standalone(Handle::current(), &[("http".into(), "nope".into())], None).unwrap_err();
+        let err = standalone(
+            Handle::current(),
+            &[("http".into(), "nope".into())],
+            None,
+            fresh_state(),
+        )
+        .unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("parsing default_listener \"http=nope\": "),
@@ -942,7 +1179,7 @@ mod tests {
         );
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let spec = format!("busy=tcp://{}", taken.local_addr().unwrap());
-        let err = standalone(Handle::current(), &[], Some(&spec)).unwrap_err();
+        let err = standalone(Handle::current(), &[], Some(&spec), fresh_state()).unwrap_err();
         assert!(
             err.to_string().starts_with(&format!(
                 "binding listener `busy` on tcp://{}: ",
@@ -954,7 +1191,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_interval_stops_when_its_closure_says_so() {
-        let worker = standalone(Handle::current(), &[], None).unwrap();
+        let worker = standalone(Handle::current(), &[], None, fresh_state()).unwrap();
         let mut n = 0;
         let timer = worker.interval(Duration::ZERO, move || {
             n += 1;

@@ -1,0 +1,169 @@
+//! `counter`: a count that survives reloads, the SDK's kept values in
+//! twenty lines of handler.
+//!
+//! Routes (listener `http`):
+//!
+//! - `GET /` increments the count and answers
+//!   `{"count": N, "generation": G, "pid": P, "after_freeze": false}`;
+//!   `after_freeze` is `true` when the increment landed after this
+//!   generation's values were handed to the next one (the SDK reports such
+//!   writes; they do not reach the next generation).
+//! - `GET /peek` answers the same without incrementing, plus
+//!   `"checkpointed"`: the count in the last checkpoint.
+//!
+//! It checkpoints at least once a second while the count changes, so a
+//! `kill -9` loses at most a second of increments. `--state-format N`
+//! declares the state format (default 1): a generation started with 0
+//! cannot read format 1 and rejects it, which fails the reload and leaves
+//! the old generation serving with its count.
+//!
+//! ```sh
+//! baton run --listen http=tcp://127.0.0.1:8080 -- target/debug/counter
+//! curl localhost:8080; baton reload --wait; curl localhost:8080   # 1, then 2
+//! ```
+
+use std::io::IsTerminal;
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use baton_worker::{Kept, Worker};
+use serde_json::{json, Value};
+
+/// How often the count is checkpointed when it changed.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Clone)]
+struct App {
+    count: Kept<u64>,
+    generation: u64,
+    pid: u32,
+    checkpointed: Arc<AtomicU64>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("counter: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn state_format() -> Result<u32, String> {
+    let mut args = std::env::args().skip(1);
+    let mut format = 1;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--state-format" => {
+                let value = args.next().ok_or("--state-format needs a number")?;
+                format = value
+                    .parse()
+                    .map_err(|_| format!("--state-format {value:?} is not a number"))?;
+            }
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?} (known: --state-format N)"
+                ))
+            }
+        }
+    }
+    Ok(format)
+}
+
+async fn run() -> Result<(), String> {
+    let format = state_format()?;
+    let worker = Worker::builder()
+        .default_listener("http", "tcp://127.0.0.1:3000")
+        .state_format(format)
+        .start()
+        .await
+        .map_err(|e| e.to_string())?;
+    let listener = worker.tcp_listener("http").map_err(|e| e.to_string())?;
+    // Everything slow is done: take the count (this freezes the previous
+    // generation), then say ready.
+    let count = worker
+        .keep("count", || 0u64)
+        .await
+        .map_err(|e| e.to_string())?;
+    let app = App {
+        count: count.clone(),
+        generation: worker.generation(),
+        pid: std::process::id(),
+        checkpointed: Arc::new(AtomicU64::new(count.get())),
+    };
+    let checkpointer = worker.clone();
+    let checkpointed = app.checkpointed.clone();
+    worker.interval(CHECKPOINT_EVERY, move || {
+        let now = count.get();
+        if now != checkpointed.load(Ordering::SeqCst) {
+            match checkpointer.checkpoint() {
+                Ok(()) => checkpointed.store(now, Ordering::SeqCst),
+                Err(e) => tracing::warn!("checkpoint: {e}"),
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    tracing::info!(
+        "generation {} starts at count {}",
+        app.generation,
+        app.count.get()
+    );
+    let router = Router::new()
+        .route("/", get(increment))
+        .route("/peek", get(peek))
+        .with_state(app);
+    worker.ready().map_err(|e| e.to_string())?;
+    baton_worker::http::serve_worker(&worker, listener, router).await;
+    if worker.writes_after_freeze() > 0 {
+        tracing::warn!(
+            "{} increments landed after the freeze and did not reach the next generation",
+            worker.writes_after_freeze()
+        );
+    }
+    Ok(())
+}
+
+async fn increment(State(app): State<App>) -> Json<Value> {
+    let (count, after_freeze) = match app.count.try_update(|n| {
+        *n += 1;
+        *n
+    }) {
+        Ok(count) => (count, false),
+        // Frozen: the count here goes on (this generation still answers),
+        // but the SDK counts and reports this write as not carried over.
+        Err(_) => (
+            app.count.update(|n| {
+                *n += 1;
+                *n
+            }),
+            true,
+        ),
+    };
+    Json(json!({
+        "count": count,
+        "generation": app.generation,
+        "pid": app.pid,
+        "after_freeze": after_freeze,
+    }))
+}
+
+async fn peek(State(app): State<App>) -> Json<Value> {
+    Json(json!({
+        "count": app.count.get(),
+        "generation": app.generation,
+        "pid": app.pid,
+        "checkpointed": app.checkpointed.load(Ordering::SeqCst),
+    }))
+}

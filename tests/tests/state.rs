@@ -1,0 +1,146 @@
+//! Kept state across reloads, with the SDK's `counter` example: the count is
+//! exact through reload storms under load (only writes the SDK reported as
+//! made after a freeze are missing), a `kill -9` resumes from the last
+//! checkpoint, and a snapshot the new generation rejects (or one over
+//! `--max-state`) fails the reload and leaves the old generation serving
+//! with its values.
+
+use std::time::Duration;
+
+use baton_tests::harness::{bin, wait_for, Baton, Load};
+use serde_json::Value;
+
+fn counter(options: &[&str]) -> Baton {
+    Baton::builder()
+        .args(["--listen", "http=tcp://127.0.0.1:0"])
+        .args(options.iter().copied())
+        .flagged(bin("counter").to_str().expect("utf-8 path"), "")
+        .start()
+}
+
+fn get(baton: &Baton, path: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(baton.address("http")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{body:?}: {e}"))
+}
+
+#[test]
+fn the_count_is_exact_through_a_reload_storm_under_load() {
+    let baton = counter(&[]);
+    let load = Load::http(&baton, "http", |c| {
+        c.concurrency = 8;
+        c.keep_alive_fraction = 0.5;
+        c.slow_fraction = 0.0;
+    });
+    load.wait_ok(50);
+    for i in 1..=40 {
+        assert_eq!(baton.reload_ok(), 1 + i);
+        load.wait_ok(20);
+    }
+    let report = load.finish();
+    eprintln!("{report}\nafter freeze: {}", report.after_freeze);
+    report.assert_no_failures();
+    let peek = get(&baton, "/peek");
+    let count = peek["count"].as_u64().expect("count");
+    // Every increment answered is in the count, but those the SDK reported
+    // as landing after a freeze (they stayed with the old generation).
+    assert_eq!(
+        count,
+        report.counts.ok - report.after_freeze,
+        "count {count}, answered {}, after freeze {}",
+        report.counts.ok,
+        report.after_freeze
+    );
+    assert_eq!(peek["generation"], 41);
+    // The hand-overs really carried state: the last generation started high.
+    assert!(baton
+        .log()
+        .contains("kept values: 1 from generation 40, frozen for us"));
+}
+
+#[test]
+fn a_killed_worker_resumes_from_its_last_checkpoint() {
+    let mut baton = counter(&[]);
+    for _ in 0..25 {
+        get(&baton, "/");
+    }
+    // The counter checkpoints within a second of a change.
+    let pid = wait_for("a checkpoint of 25", Duration::from_secs(10), || {
+        let peek = get(&baton, "/peek");
+        (peek["checkpointed"] == 25).then(|| peek["pid"].as_i64().expect("pid") as i32)
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    baton.wait_serving(2);
+    let peek = get(&baton, "/peek");
+    assert_eq!(peek["count"], 25, "{peek}");
+    assert!(
+        baton.log().contains("from generation 1's last checkpoint"),
+        "{}",
+        baton.log()
+    );
+    assert_eq!(get(&baton, "/")["count"], 26);
+}
+
+/// A reload that must fail at the hand-over: the old generation thaws and
+/// serves on with its count, under load, with no failed request.
+fn failed_handover_keeps_the_old_values(baton: &Baton, flags: &str, reason: &str) {
+    for _ in 0..5 {
+        get(baton, "/");
+    }
+    let load = Load::http(baton, "http", |c| c.concurrency = 4);
+    load.wait_ok(20);
+    baton.set_flags(flags);
+    let answer = baton.reload();
+    assert_eq!(answer["ok"], false, "{answer}");
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(error.contains(reason), "{error:?} lacks {reason:?}");
+    baton.wait_settled();
+    load.wait_ok(20);
+    let report = load.finish();
+    report.assert_no_failures();
+    let peek = get(baton, "/peek");
+    assert_eq!(peek["generation"], 1, "{peek}");
+    // Nothing was lost: the thawed generation kept counting.
+    assert_eq!(
+        peek["count"].as_u64(),
+        Some(5 + report.counts.ok),
+        "{peek} after {report}"
+    );
+    assert!(
+        baton.log().contains("thaws and serves on"),
+        "{}",
+        baton.log()
+    );
+    assert_eq!(baton.status()["generations"][0]["frozen"], false);
+}
+
+#[test]
+fn a_snapshot_the_new_generation_rejects_leaves_the_old_one_serving_with_its_values() {
+    let baton = counter(&[]);
+    failed_handover_keeps_the_old_values(
+        &baton,
+        "--state-format 0",
+        "rejected the kept values of generation 1: the snapshot has state format 1, newer than this program's 0",
+    );
+}
+
+#[test]
+fn a_snapshot_over_max_state_fails_the_reload_and_the_old_generation_thaws() {
+    let baton = counter(&["--max-state", "10"]);
+    failed_handover_keeps_the_old_values(&baton, "", "but --max-state is 10 bytes");
+}

@@ -1,0 +1,496 @@
+//! Kept values: state that survives a reload.
+//!
+//! [`Kept<T>`] is a value a worker asked to keep under a name
+//! ([`Worker::keep`](crate::Worker::keep)). The generation before wrote its
+//! values into a snapshot when it was frozen; this one reads them back, or
+//! starts from `init()`.
+//!
+//! **Exactness.** A freeze serializes each value under that value's own lock
+//! and marks it frozen before letting go of the lock; every write checks the
+//! mark under the same lock. So a write either lands before the value is
+//! serialized (and is in the snapshot, unreported) or after (and is
+//! reported: a warning, a count in
+//! [`Worker::writes_after_freeze`](crate::Worker::writes_after_freeze), and
+//! an error from [`Kept::try_update`]). Nothing is lost silently and nothing
+//! is reported that did arrive. If the successor fails, the worker thaws and
+//! the reported writes were not lost after all.
+//!
+//! **The snapshot** is one JSON document, `{"format": N, "values": {name:
+//! value, ...}}`, written straight into a memfd (no copy in between), sealed,
+//! and passed to the supervisor, which hands the same memfd to the successor.
+//! `format` is the program's own state version
+//! ([`Builder::state_format`](crate::Builder::state_format)); a successor with
+//! a newer version migrates older snapshots with its hook, and one that
+//! cannot read a snapshot rejects it, which fails the reload before cut-over.
+//!
+//! This module never talks to the supervisor itself: `channel.rs` does.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::protocol::SNAPSHOT_SEALS;
+
+/// A migration hook: upgrades the values of a snapshot written with state
+/// format `from` (older than this program's) in place, or says why it cannot.
+pub type Migrate = Arc<dyn Fn(u32, &mut Map<String, Value>) -> Result<(), String> + Send + Sync>;
+
+/// A value kept across reloads. Cheap to clone; every clone is the same
+/// value. Reads and writes take a lock: keep the closures short.
+///
+/// ```no_run
+/// # async fn doc(worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+/// let hits = worker.keep("hits", || 0u64).await?;
+/// let now = hits.update(|n| {
+///     *n += 1;
+///     *n
+/// });
+/// let seen = hits.get();
+/// # Ok(()) }
+/// ```
+pub struct Kept<T> {
+    slot: Arc<Slot<T>>,
+    shared: Arc<Shared>,
+}
+
+impl<T> Clone for Kept<T> {
+    fn clone(&self) -> Self {
+        Kept {
+            slot: self.slot.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Kept<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kept")
+            .field("name", &self.slot.name)
+            .field("value", &*self.slot.lock())
+            .finish()
+    }
+}
+
+/// The error of [`Kept::try_update`] while the worker is frozen: its values
+/// have been handed to the next generation, so a write now would not reach
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("kept value `{name}` is frozen: this generation's values were handed to the next one")]
+pub struct Frozen {
+    /// The value's name.
+    pub name: String,
+}
+
+impl<T> Kept<T> {
+    /// The kept value's name.
+    pub fn name(&self) -> &str {
+        &self.slot.name
+    }
+
+    /// Reads the value.
+    pub fn read<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        f(&self.slot.lock())
+    }
+
+    /// A copy of the value.
+    pub fn get(&self) -> T
+    where
+        T: Clone,
+    {
+        self.slot.lock().clone()
+    }
+
+    /// Changes the value. If this generation is frozen (its values already
+    /// went to the next one), the change still applies here but will not
+    /// reach the next generation: it is logged and counted in
+    /// [`Worker::writes_after_freeze`](crate::Worker::writes_after_freeze).
+    /// Use [`try_update`](Self::try_update) to refuse such writes instead.
+    pub fn update<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut value = self.slot.lock();
+        if self.slot.frozen.load(Ordering::SeqCst) {
+            self.shared.report_late_write(&self.slot.name);
+        }
+        f(&mut value)
+    }
+
+    /// Changes the value, unless this generation is frozen: then nothing
+    /// changes and the error says so.
+    pub fn try_update<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, Frozen> {
+        let mut value = self.slot.lock();
+        if self.slot.frozen.load(Ordering::SeqCst) {
+            return Err(Frozen {
+                name: self.slot.name.clone(),
+            });
+        }
+        Ok(f(&mut value))
+    }
+
+    /// Replaces the value (see [`update`](Self::update) for frozen workers).
+    pub fn set(&self, value: T) {
+        self.update(|v| *v = value);
+    }
+}
+
+/// One kept value and its name.
+struct Slot<T> {
+    name: String,
+    value: Mutex<T>,
+    /// Set, under `value`'s lock, once the value went into a freeze's
+    /// snapshot; cleared by a thaw.
+    frozen: AtomicBool,
+}
+
+impl<T> Slot<T> {
+    fn lock(&self) -> MutexGuard<'_, T> {
+        // A panic while holding the lock leaves the value as the panicking
+        // code left it; serving it is better than losing the worker.
+        self.value.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What the snapshot writer needs of a kept value, whatever its type.
+trait Erased: Send + Sync {
+    fn name(&self) -> &str;
+    /// Writes the value; with `freeze`, marks it frozen under the same lock.
+    fn write_json(&self, out: &mut dyn Write, freeze: bool) -> serde_json::Result<()>;
+    fn thaw(&self);
+}
+
+impl<T: Serialize + Send> Erased for Slot<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn write_json(&self, out: &mut dyn Write, freeze: bool) -> serde_json::Result<()> {
+        let value = self.lock();
+        serde_json::to_writer(out, &*value)?;
+        if freeze {
+            self.frozen.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn thaw(&self) {
+        let _value = self.lock();
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The state of one worker: its kept values, the frozen flag, and the
+/// values the previous generation left for it.
+pub(crate) struct Shared {
+    /// Set by a freeze before any value is serialized; read under each
+    /// value's lock.
+    frozen: AtomicBool,
+    /// Watched by `http::serve_worker`: accept only while not frozen.
+    gate: watch::Sender<bool>,
+    /// Writes made while frozen.
+    late_writes: AtomicU64,
+    /// Whether the current freeze has logged its first late write.
+    late_logged: AtomicBool,
+    /// Every kept value, in the order they were kept.
+    registry: Mutex<Vec<Arc<dyn Erased>>>,
+    /// This program's state format.
+    pub(crate) format: u32,
+    pub(crate) migrate: Option<Migrate>,
+    /// The previous generation's values not yet claimed by a `keep`;
+    /// `None` until loaded.
+    pub(crate) previous: tokio::sync::OnceCell<Mutex<Map<String, Value>>>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("State")
+            .field("frozen", &self.frozen.load(Ordering::Relaxed))
+            .field("late_writes", &self.late_writes.load(Ordering::Relaxed))
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(format: u32, migrate: Option<Migrate>) -> Shared {
+        Shared {
+            frozen: AtomicBool::new(false),
+            gate: watch::channel(false).0,
+            late_writes: AtomicU64::new(0),
+            late_logged: AtomicBool::new(false),
+            registry: Mutex::new(Vec::new()),
+            format,
+            migrate,
+            previous: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Registers a new kept value; `Err` if the name is taken.
+    pub(crate) fn register<T>(self: &Arc<Self>, name: &str, value: T) -> Result<Kept<T>, ()>
+    where
+        T: Serialize + Send + 'static,
+    {
+        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if registry.iter().any(|e| e.name() == name) {
+            return Err(());
+        }
+        let slot = Arc::new(Slot {
+            name: name.to_owned(),
+            value: Mutex::new(value),
+            // A value kept while frozen (odd, but possible) is born frozen.
+            frozen: AtomicBool::new(self.is_frozen()),
+        });
+        registry.push(slot.clone());
+        Ok(Kept {
+            slot,
+            shared: self.clone(),
+        })
+    }
+
+    fn report_late_write(&self, name: &str) {
+        self.late_writes.fetch_add(1, Ordering::SeqCst);
+        if !self.late_logged.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                "kept value `{name}` changed after this generation was frozen: the change \
+                 will not reach the next generation (further such writes are counted, not logged)"
+            );
+        }
+    }
+
+    pub(crate) fn late_writes(&self) -> u64 {
+        self.late_writes.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn gate(&self) -> watch::Receiver<bool> {
+        self.gate.subscribe()
+    }
+
+    /// Freezes: the accept gate closes, and [`snapshot`](Self::snapshot)
+    /// with `freeze` marks each value as it writes it.
+    pub(crate) fn freeze(&self) {
+        self.late_logged.store(false, Ordering::SeqCst);
+        self.frozen.store(true, Ordering::SeqCst);
+        self.gate.send_replace(true);
+    }
+
+    /// Thaws: the successor failed, this generation's values are live again.
+    pub(crate) fn thaw(&self) {
+        for value in self.values() {
+            value.thaw();
+        }
+        self.frozen.store(false, Ordering::SeqCst);
+        self.gate.send_replace(false);
+    }
+
+    fn values(&self) -> Vec<Arc<dyn Erased>> {
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Writes every kept value into a new sealed memfd: `(fd, bytes)`, or
+    /// `None` when nothing is kept. With `freeze`, each value is marked
+    /// frozen as it is written (a freeze's snapshot); without, it is a
+    /// checkpoint. Blocking: run it off the async threads for large values.
+    pub(crate) fn snapshot(&self, freeze: bool) -> std::io::Result<Option<(OwnedFd, u64)>> {
+        let values = self.values();
+        if values.is_empty() {
+            return Ok(None);
+        }
+        let fd = nix::sys::memfd::memfd_create(
+            c"baton-snapshot",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let file = File::from(fd);
+        {
+            let mut out = BufWriter::with_capacity(1 << 16, &file);
+            write!(out, "{{\"format\":{},\"values\":{{", self.format)?;
+            for (i, value) in values.iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b",")?;
+                }
+                serde_json::to_writer(&mut out, value.name())?;
+                out.write_all(b":")?;
+                value.write_json(&mut out, freeze).map_err(|e| {
+                    std::io::Error::other(format!("serializing kept value `{}`: {e}", value.name()))
+                })?;
+            }
+            out.write_all(b"}}")?;
+            out.flush()?;
+        }
+        let bytes = file.metadata()?.len();
+        let fd = OwnedFd::from(file);
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::from_bits_truncate(
+                SNAPSHOT_SEALS,
+            )),
+        )?;
+        Ok(Some((fd, bytes)))
+    }
+
+    /// Reads a snapshot the supervisor passed (`bytes` long), migrating
+    /// older formats; `Err` is the reason to reject it.
+    pub(crate) fn load(&self, fd: OwnedFd, bytes: u64) -> Result<Map<String, Value>, String> {
+        let file = File::from(fd);
+        let len = usize::try_from(bytes).map_err(|_| format!("a snapshot of {bytes} bytes"))?;
+        let mut buf = vec![0u8; len];
+        // Positioned reads: the descriptor's offset is shared with every
+        // other holder of this memfd.
+        file.read_exact_at(&mut buf, 0)
+            .map_err(|e| format!("reading the snapshot: {e}"))?;
+        let doc: Snapshot =
+            serde_json::from_slice(&buf).map_err(|e| format!("parsing the snapshot: {e}"))?;
+        let mut values = doc.values;
+        if doc.format > self.format {
+            return Err(format!(
+                "the snapshot has state format {}, newer than this program's {} (a newer \
+                 version wrote it; roll forward, or teach this one to read it)",
+                doc.format, self.format
+            ));
+        }
+        if doc.format < self.format {
+            let Some(migrate) = &self.migrate else {
+                return Err(format!(
+                    "the snapshot has state format {} and this program has {}, but no migration \
+                     (Builder::migrate_state)",
+                    doc.format, self.format
+                ));
+            };
+            migrate(doc.format, &mut values).map_err(|e| {
+                format!(
+                    "migrating the snapshot from format {} to {}: {e}",
+                    doc.format, self.format
+                )
+            })?;
+        }
+        Ok(values)
+    }
+}
+
+/// A snapshot document as written by [`Shared::snapshot`].
+#[derive(serde::Deserialize)]
+struct Snapshot {
+    format: u32,
+    values: Map<String, Value>,
+}
+
+/// Takes `name` out of the previous generation's values and decodes it.
+pub(crate) fn claim<T: DeserializeOwned>(
+    previous: &Mutex<Map<String, Value>>,
+    name: &str,
+) -> Result<Option<T>, String> {
+    let value = previous
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(name);
+    match value {
+        None => Ok(None),
+        Some(v) => serde_json::from_value(v).map(Some).map_err(|e| {
+            format!(
+                "kept value `{name}` does not read as {}: {e}",
+                std::any::type_name::<T>()
+            )
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_round_trips_and_is_sealed() {
+        let shared = Arc::new(Shared::new(1, None));
+        let count = shared.register("count", 41u64).expect("new name");
+        shared
+            .register("names", vec!["a".to_owned()])
+            .expect("new name");
+        assert!(shared.register("count", 0u64).is_err(), "duplicate name");
+        count.update(|c| *c += 1);
+        let (fd, bytes) = shared
+            .snapshot(false)
+            .expect("snapshot")
+            .expect("not empty");
+        let seals = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GET_SEALS).expect("seals");
+        assert_eq!(seals & SNAPSHOT_SEALS, SNAPSHOT_SEALS);
+        let next = Shared::new(1, None);
+        let values = Mutex::new(next.load(fd, bytes).expect("loads"));
+        assert_eq!(claim::<u64>(&values, "count"), Ok(Some(42)));
+        assert_eq!(
+            claim::<Vec<String>>(&values, "names"),
+            Ok(Some(vec!["a".to_owned()]))
+        );
+        assert_eq!(claim::<u64>(&values, "absent"), Ok(None));
+    }
+
+    #[test]
+    fn writes_after_a_freeze_are_reported_and_try_update_refuses_them() {
+        let shared = Arc::new(Shared::new(1, None));
+        let count = shared.register("count", 0u64).expect("new name");
+        count.update(|c| *c += 1);
+        shared.freeze();
+        // Frozen, but not yet written into the snapshot: still carried over.
+        count.update(|c| *c += 1);
+        assert_eq!(shared.late_writes(), 0);
+        let (fd, bytes) = shared.snapshot(true).expect("snapshot").expect("not empty");
+        count.update(|c| *c += 1);
+        assert_eq!(shared.late_writes(), 1);
+        let values = Mutex::new(Shared::new(1, None).load(fd, bytes).expect("loads"));
+        assert_eq!(
+            claim::<u64>(&values, "count"),
+            Ok(Some(2)),
+            "the late write is not in it"
+        );
+        assert!(count.try_update(|c| *c += 1).is_err());
+        assert_eq!(count.get(), 3);
+        shared.thaw();
+        assert_eq!(count.try_update(|c| *c + 1), Ok(4));
+    }
+
+    #[test]
+    fn formats_are_migrated_or_refused() {
+        let old = Arc::new(Shared::new(1, None));
+        old.register("count", 7u64).expect("new name");
+        let (fd, bytes) = old.snapshot(false).expect("snapshot").expect("not empty");
+        let dup = |fd: &OwnedFd| fd.try_clone().expect("dup");
+
+        let without_hook = Shared::new(2, None);
+        let err = without_hook
+            .load(dup(&fd), bytes)
+            .expect_err("no migration");
+        assert!(err.contains("no migration"), "{err}");
+
+        let migrate: Migrate = Arc::new(|from, values| {
+            assert_eq!(from, 1);
+            let n = values
+                .remove("count")
+                .and_then(|v| v.as_u64())
+                .ok_or("no count")?;
+            values.insert("total".into(), Value::from(n * 10));
+            Ok(())
+        });
+        let newer = Shared::new(2, Some(migrate));
+        let values = Mutex::new(newer.load(dup(&fd), bytes).expect("migrates"));
+        assert_eq!(claim::<u64>(&values, "total"), Ok(Some(70)));
+
+        let older = Shared::new(0, None);
+        let err = older.load(dup(&fd), bytes).expect_err("newer format");
+        assert!(err.contains("newer than this program's 0"), "{err}");
+
+        let values = Mutex::new(Shared::new(1, None).load(fd, bytes).expect("loads"));
+        let err = claim::<String>(&values, "count").expect_err("wrong type");
+        assert!(err.contains("does not read as"), "{err}");
+    }
+}
