@@ -237,6 +237,8 @@ struct Handoff {
     to: u64,
     /// `to` has been sent its `State`.
     answered: bool,
+    /// When `from` was told to freeze: it stopped accepting then.
+    since: Instant,
 }
 
 /// How the last reload ended, for `status` and `reload --wait`.
@@ -246,6 +248,9 @@ struct ReloadResult {
     ok: bool,
     error: Option<String>,
     ms: u64,
+    /// For a hand-over of kept values: how long no generation accepted,
+    /// from the freeze of the old one to the new one's readiness.
+    pause_ms: Option<f64>,
 }
 
 /// The state the event loop owns.
@@ -725,11 +730,15 @@ impl Supervisor {
         for n in old {
             self.begin_drain(n, "replaced");
         }
-        if self.handoff.is_some_and(|h| h.to == number) {
+        let mut pause = None;
+        if let Some(h) = self.handoff.take_if(|h| h.to == number) {
             // The frozen generation was just told to drain: done.
-            self.handoff = None;
+            pause = Some(h.since.elapsed());
         }
         self.finish_in_flight(number, Ok(()));
+        if let (Some(pause), Some(r)) = (pause, self.last_reload.as_mut()) {
+            r.pause_ms = Some(pause.as_secs_f64() * 1000.0);
+        }
     }
 
     /// Ends the in-flight start of generation `number`: records the result,
@@ -762,6 +771,7 @@ impl Supervisor {
                 ok: result.is_ok(),
                 error: result.as_ref().err().cloned(),
                 ms,
+                pause_ms: None,
             });
         }
         for waiter in in_flight.waiters {
@@ -1106,6 +1116,7 @@ impl Supervisor {
                     from,
                     to: number,
                     answered: false,
+                    since: Instant::now(),
                 });
             }
             Err(e) => {
@@ -1300,9 +1311,15 @@ impl Supervisor {
             .iter()
             .map(|l| json!({ "name": l.name, "address": l.bound }))
             .collect();
-        let last_reload = self.last_reload.as_ref().map(
-            |r| json!({ "generation": r.generation, "ok": r.ok, "error": r.error, "ms": r.ms }),
-        );
+        let last_reload = self.last_reload.as_ref().map(|r| {
+            json!({
+                "generation": r.generation,
+                "ok": r.ok,
+                "error": r.error,
+                "ms": r.ms,
+                "accept_pause_ms": r.pause_ms,
+            })
+        });
         json!({
             "ok": true,
             "pid": std::process::id(),

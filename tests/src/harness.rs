@@ -28,13 +28,16 @@ pub fn pyworker() -> PathBuf {
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        // The test binary lives in target/<profile>/deps/.
+        // A test binary lives in target/<profile>/deps/, a bench binary in
+        // target/<profile>/.
         let exe = std::env::current_exe().expect("the test binary has a path");
-        let dir = exe
+        let mut dir = exe
             .parent()
-            .and_then(Path::parent)
-            .expect("the test binary lives in target/<profile>/deps")
+            .expect("the test binary lives in target/<profile>")
             .to_path_buf();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
         build.args([

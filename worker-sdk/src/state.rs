@@ -343,15 +343,23 @@ impl Shared {
     /// Reads a snapshot the supervisor passed (`bytes` long), migrating
     /// older formats; `Err` is the reason to reject it.
     pub(crate) fn load(&self, fd: OwnedFd, bytes: u64) -> Result<Map<String, Value>, String> {
-        let file = File::from(fd);
         let len = usize::try_from(bytes).map_err(|_| format!("a snapshot of {bytes} bytes"))?;
-        let mut buf = vec![0u8; len];
-        // Positioned reads: the descriptor's offset is shared with every
-        // other holder of this memfd.
-        file.read_exact_at(&mut buf, 0)
-            .map_err(|e| format!("reading the snapshot: {e}"))?;
-        let doc: Snapshot =
-            serde_json::from_slice(&buf).map_err(|e| format!("parsing the snapshot: {e}"))?;
+        // Parsed straight from a read-only mapping of the sealed memfd: the
+        // bytes the old generation wrote are read once, never copied.
+        let doc: Snapshot = match crate::sys::Mapped::sealed(&fd, len) {
+            Ok(mapped) => serde_json::from_slice(mapped.bytes()),
+            Err(e) => {
+                tracing::debug!("mapping the snapshot: {e}; reading it instead");
+                let mut buf = vec![0u8; len];
+                // Positioned reads: the descriptor's offset is shared with
+                // every other holder of this memfd.
+                File::from(fd)
+                    .read_exact_at(&mut buf, 0)
+                    .map_err(|e| format!("reading the snapshot: {e}"))?;
+                serde_json::from_slice(&buf)
+            }
+        }
+        .map_err(|e| format!("parsing the snapshot: {e}"))?;
         let mut values = doc.values;
         if doc.format > self.format {
             return Err(format!(

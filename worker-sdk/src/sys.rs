@@ -105,3 +105,66 @@ pub(crate) fn close_inherited(fd: RawFd) {
 pub(crate) fn dup_at_least(fd: std::os::fd::BorrowedFd<'_>, min: RawFd) -> RawFd {
     nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min)).expect("F_DUPFD_CLOEXEC")
 }
+
+/// A read-only mapping of a sealed snapshot memfd: its bytes without a copy.
+pub(crate) struct Mapped {
+    ptr: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+}
+
+impl Mapped {
+    /// Maps the first `len` bytes of `fd`, which must be sealed against
+    /// writing and shrinking (checked here), so the mapping can neither
+    /// change under us nor fault past its end.
+    pub(crate) fn sealed(fd: &OwnedFd, len: usize) -> io::Result<Mapped> {
+        use nix::fcntl::{fcntl, FcntlArg};
+        let seals = fcntl(fd, FcntlArg::F_GET_SEALS)?;
+        let needed = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK;
+        if seals & needed != needed {
+            return Err(io::Error::other("the snapshot memfd is not sealed"));
+        }
+        let size = nix::sys::stat::fstat(fd)?.st_size;
+        if u64::try_from(size).ok() != Some(len as u64) {
+            return Err(io::Error::other(format!(
+                "the snapshot memfd holds {size} bytes, not {len}"
+            )));
+        }
+        let Some(length) = std::num::NonZeroUsize::new(len) else {
+            return Err(io::Error::other("an empty snapshot cannot be mapped"));
+        };
+        // SAFETY: a fresh read-only private mapping of a file we hold; the
+        // kernel picks the address. The seals checked above forbid writes and
+        // truncation by anyone, so the bytes stay valid and unchanged while
+        // mapped; `Drop` unmaps exactly this range.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                length,
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_PRIVATE,
+                fd,
+                0,
+            )
+        }?;
+        Ok(Mapped { ptr, len })
+    }
+
+    /// The mapped bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes that nobody can change
+        // (sealed) until `self` is dropped.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the range `sealed` mapped, once; no slice from
+        // `bytes` outlives `self`.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
+    }
+}
+
+// SAFETY: the mapping is read-only and immutable (sealed): sharing or moving
+// it across threads cannot race.
+unsafe impl Send for Mapped {}

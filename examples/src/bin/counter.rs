@@ -15,7 +15,8 @@
 //! `kill -9` loses at most a second of increments. `--state-format N`
 //! declares the state format (default 1): a generation started with 0
 //! cannot read format 1 and rejects it, which fails the reload and leaves
-//! the old generation serving with its count.
+//! the old generation serving with its count. `--ballast BYTES` also keeps
+//! that many bytes of filler, to measure what a large hand-over costs.
 //!
 //! ```sh
 //! baton run --listen http=tcp://127.0.0.1:8080 -- target/debug/counter
@@ -61,29 +62,38 @@ async fn main() -> ExitCode {
     }
 }
 
-fn state_format() -> Result<u32, String> {
+/// `--state-format N` and `--ballast BYTES`.
+fn options() -> Result<(u32, usize), String> {
     let mut args = std::env::args().skip(1);
-    let mut format = 1;
+    let (mut format, mut ballast) = (1, 0);
     while let Some(arg) = args.next() {
+        let mut number = |flag: &str| -> Result<u64, String> {
+            let value = args.next().ok_or(format!("{flag} needs a number"))?;
+            value
+                .parse()
+                .map_err(|_| format!("{flag} {value:?} is not a number"))
+        };
         match arg.as_str() {
             "--state-format" => {
-                let value = args.next().ok_or("--state-format needs a number")?;
-                format = value
-                    .parse()
-                    .map_err(|_| format!("--state-format {value:?} is not a number"))?;
+                format = u32::try_from(number("--state-format")?)
+                    .map_err(|_| "--state-format is too large".to_owned())?;
+            }
+            "--ballast" => {
+                ballast = usize::try_from(number("--ballast")?)
+                    .map_err(|_| "--ballast is too large".to_owned())?;
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (known: --state-format N)"
+                    "unknown argument {other:?} (known: --state-format N, --ballast BYTES)"
                 ))
             }
         }
     }
-    Ok(format)
+    Ok((format, ballast))
 }
 
 async fn run() -> Result<(), String> {
-    let format = state_format()?;
+    let (format, ballast) = options()?;
     let worker = Worker::builder()
         .default_listener("http", "tcp://127.0.0.1:3000")
         .state_format(format)
@@ -97,6 +107,13 @@ async fn run() -> Result<(), String> {
         .keep("count", || 0u64)
         .await
         .map_err(|e| e.to_string())?;
+    let filler = worker
+        .keep("ballast", || "x".repeat(ballast))
+        .await
+        .map_err(|e| e.to_string())?;
+    if filler.read(String::len) != ballast {
+        filler.set("x".repeat(ballast));
+    }
     let app = App {
         count: count.clone(),
         generation: worker.generation(),
