@@ -1034,6 +1034,11 @@ impl Supervisor {
         }
         match message {
             Ok(WorkerMessage::Hello { protocol, pid }) => {
+                if g.speaks_protocol {
+                    // A second welcome would hand it every listener again.
+                    self.protocol_error(number, "said hello twice".into());
+                    return;
+                }
                 if protocol != PROTOCOL_VERSION {
                     let reason = format!(
                         "speaks worker protocol version {protocol}; this baton speaks \

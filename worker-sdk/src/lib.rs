@@ -112,6 +112,32 @@
 //! # Ok(()) }
 //! ```
 //!
+//! **6. Keep state across reloads.** [`Worker::keep`] returns the value
+//! the previous generation kept under a name (or `init()` on a first start):
+//! the old generation is frozen for the hand-over (it stops accepting, its
+//! requests in flight finish), writes its kept values into a sealed memfd
+//! that baton passes on unread, and this generation reads them in place.
+//! Call it after slow initialisation, just before `ready()`, and serve with
+//! `http::serve_worker`, which pauses accepting while frozen.
+//! [`Kept::update`] reports a write that lands after the freeze (it will
+//! not reach the next generation); [`Worker::checkpoint`] hands the values
+//! to baton between reloads so a crash restart resumes from them;
+//! [`Builder::state_format`] and [`Builder::migrate_state`] version them,
+//! and a snapshot this program cannot read is rejected, which fails the
+//! reload while the old generation thaws and serves on.
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), baton_worker::Error> {
+//! let worker = baton_worker::start().await?;
+//! let sessions = worker
+//!     .keep("sessions", std::collections::HashMap::<String, u64>::new)
+//!     .await?;
+//! worker.ready()?;
+//! sessions.update(|s| *s.entry("alice".into()).or_default() += 1);
+//! # Ok(()) }
+//! ```
+//!
 //! # When a worker drains
 //!
 //! | event | standalone | under baton |
