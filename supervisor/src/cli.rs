@@ -142,6 +142,11 @@ pub struct RunArgs {
     /// 64MiB; a larger one fails the reload and the old generation serves on.
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = crate::state::parse_size)]
     pub max_state: u64,
+    /// How long a generation may stay frozen (not accepting, its kept values
+    /// handed over) waiting for its successor to become ready; then the
+    /// successor fails and the old generation thaws.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub freeze_timeout: Duration,
     /// The worker command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -202,6 +207,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 user: args.user,
                 group: args.group,
                 max_state: args.max_state,
+                freeze_timeout: args.freeze_timeout,
             })
             .await
         }

@@ -78,6 +78,9 @@ pub struct Config {
     pub group: Option<String>,
     /// `--max-state`: the largest snapshot of kept values accepted, in bytes.
     pub max_state: u64,
+    /// `--freeze-timeout`: how long a generation may stay frozen for a
+    /// successor that is not ready yet (nobody accepts meanwhile).
+    pub freeze_timeout: Duration,
 }
 
 /// Something the loop reacts to. Every source of change sends one of these.
@@ -147,6 +150,8 @@ pub enum Timer {
     ReadyAfter,
     /// `--drain-timeout` passed.
     DrainTimeout,
+    /// `--freeze-timeout` passed since this generation's predecessor froze.
+    FreezeTimeout,
 }
 
 /// Where a generation is in its life.
@@ -1123,6 +1128,13 @@ impl Supervisor {
                     answered: false,
                     since: Instant::now(),
                 });
+                self.after(
+                    self.config.freeze_timeout,
+                    Event::Timer {
+                        generation: number,
+                        timer: Timer::FreezeTimeout,
+                    },
+                );
             }
             Err(e) => {
                 tracing::warn!("asking generation {from} to freeze: {e}; using the checkpoint");
@@ -1252,6 +1264,16 @@ impl Supervisor {
                      to $NOTIFY_SOCKET (sd_notify), or be run with --ready after:DURATION; an \
                      SDK worker must call ready()",
                     humantime::format_duration(self.config.ready_timeout)
+                );
+                self.fail_starting(number, reason);
+            }
+            (Timer::FreezeTimeout, Phase::Starting)
+                if self.handoff.is_some_and(|h| h.to == number) =>
+            {
+                let reason = format!(
+                    "not ready within {} of freezing its predecessor (--freeze-timeout), \
+                     while no generation accepted; call keep() after slow initialisation",
+                    humantime::format_duration(self.config.freeze_timeout)
                 );
                 self.fail_starting(number, reason);
             }

@@ -2,8 +2,8 @@
 //! exact through reload storms under load (only writes the SDK reported as
 //! made after a freeze are missing), a `kill -9` resumes from the last
 //! checkpoint, and a snapshot the new generation rejects (or one over
-//! `--max-state`) fails the reload and leaves the old generation serving
-//! with its values.
+//! `--max-state`, or a successor that stays unready past `--freeze-timeout`)
+//! fails the reload and leaves the old generation serving with its values.
 
 use std::time::Duration;
 
@@ -141,4 +141,14 @@ fn a_snapshot_the_new_generation_rejects_leaves_the_old_one_serving_with_its_val
 fn a_snapshot_over_max_state_fails_the_reload_and_the_old_generation_thaws() {
     let baton = counter(&["--max-state", "10"]);
     failed_handover_keeps_the_old_values(&baton, "", "but --max-state is 10 bytes");
+}
+
+#[test]
+fn a_successor_slow_after_taking_the_state_is_failed_at_the_freeze_timeout() {
+    let baton = counter(&["--freeze-timeout", "500ms"]);
+    failed_handover_keeps_the_old_values(
+        &baton,
+        "--ready-delay 20000",
+        "not ready within 500ms of freezing its predecessor (--freeze-timeout)",
+    );
 }

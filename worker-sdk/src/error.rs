@@ -186,6 +186,13 @@ pub enum Error {
         reason: String,
     },
 
+    /// The supervisor told this generation to drain while it waited for
+    /// the previous generation's kept values (the hand-over failed).
+    #[error(
+        "this generation was stopped before the kept values arrived (see baton's log for why)"
+    )]
+    DrainedBeforeState,
+
     /// `keep` was called twice with one name.
     #[error("kept value `{name}` is kept already; keep each name once and clone the handle")]
     DuplicateKeep {

@@ -757,10 +757,15 @@ impl Worker {
         let Some(channel) = &self.inner.channel else {
             return Ok(Default::default());
         };
-        let reply = channel.take_state().await.map_err(|source| Error::Send {
-            what: "a request for the kept values",
-            source,
-        })?;
+        // A generation failed while it waits (its predecessor's snapshot
+        // was refused, say) is told to drain: stop waiting then.
+        let reply = tokio::select! {
+            reply = channel.take_state() => reply.map_err(|source| Error::Send {
+                what: "a request for the kept values",
+                source,
+            })?,
+            () = self.drained() => return Err(Error::DrainedBeforeState),
+        };
         let values = match reply.fd {
             None => Default::default(),
             Some(fd) => {

@@ -17,6 +17,8 @@
 //! cannot read format 1 and rejects it, which fails the reload and leaves
 //! the old generation serving with its count. `--ballast BYTES` also keeps
 //! that many bytes of filler, to measure what a large hand-over costs.
+//! `--ready-delay MS` waits that long between taking the count and saying
+//! ready: the wrong order, which baton's `--freeze-timeout` guards against.
 //!
 //! ```sh
 //! baton run --listen http=tcp://127.0.0.1:8080 -- target/debug/counter
@@ -62,10 +64,10 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `--state-format N` and `--ballast BYTES`.
-fn options() -> Result<(u32, usize), String> {
+/// `--state-format N`, `--ballast BYTES`, `--ready-delay MS`.
+fn options() -> Result<(u32, usize, u64), String> {
     let mut args = std::env::args().skip(1);
-    let (mut format, mut ballast) = (1, 0);
+    let (mut format, mut ballast, mut delay) = (1, 0, 0);
     while let Some(arg) = args.next() {
         let mut number = |flag: &str| -> Result<u64, String> {
             let value = args.next().ok_or(format!("{flag} needs a number"))?;
@@ -82,18 +84,20 @@ fn options() -> Result<(u32, usize), String> {
                 ballast = usize::try_from(number("--ballast")?)
                     .map_err(|_| "--ballast is too large".to_owned())?;
             }
+            "--ready-delay" => delay = number("--ready-delay")?,
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (known: --state-format N, --ballast BYTES)"
+                    "unknown argument {other:?} (known: --state-format N, --ballast BYTES, \
+                     --ready-delay MS)"
                 ))
             }
         }
     }
-    Ok((format, ballast))
+    Ok((format, ballast, delay))
 }
 
 async fn run() -> Result<(), String> {
-    let (format, ballast) = options()?;
+    let (format, ballast, ready_delay) = options()?;
     let worker = Worker::builder()
         .default_listener("http", "tcp://127.0.0.1:3000")
         .state_format(format)
@@ -141,6 +145,11 @@ async fn run() -> Result<(), String> {
         .route("/", get(increment))
         .route("/peek", get(peek))
         .with_state(app);
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(ready_delay)) => {}
+        // Failed before it was ready (say, at baton's --freeze-timeout).
+        () = worker.drained() => return Err("stopped before it was ready".into()),
+    }
     worker.ready().map_err(|e| e.to_string())?;
     baton_worker::http::serve_worker(&worker, listener, router).await;
     if worker.writes_after_freeze() > 0 {
