@@ -9,11 +9,12 @@
 //! (in particular never its `O_NONBLOCK` flag, which every holder shares).
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+use baton_worker::listen::{self, ListenAddr as BindAddr};
 use baton_worker::protocol::{ListenerInfo, ListenerKind};
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -36,14 +37,9 @@ pub struct ListenSpec {
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
-    /// `tcp://HOST:PORT`
-    Tcp(SocketAddr),
-    /// `udp://HOST:PORT`
-    Udp(SocketAddr),
-    /// `unix:PATH`, a stream socket
-    Unix(PathBuf),
-    /// `unix-dgram:PATH`
-    UnixDgram(PathBuf),
+    /// An address baton binds (the syntax workers share, see
+    /// `baton_worker::listen`).
+    Bind(BindAddr),
     /// `systemd`: adopted from socket activation, by its `FileDescriptorName=`
     Systemd,
 }
@@ -51,10 +47,7 @@ pub enum ListenAddr {
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ListenAddr::Tcp(a) => write!(f, "tcp://{a}"),
-            ListenAddr::Udp(a) => write!(f, "udp://{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            ListenAddr::UnixDgram(p) => write!(f, "unix-dgram:{}", p.display()),
+            ListenAddr::Bind(addr) => addr.fmt(f),
             ListenAddr::Systemd => write!(f, "systemd"),
         }
     }
@@ -65,76 +58,25 @@ impl std::str::FromStr for ListenSpec {
 
     /// Parses `NAME=ADDR`; the error says what is wrong and what is expected.
     fn from_str(spec: &str) -> Result<ListenSpec, String> {
-        const FORMS: &str = "expected NAME=ADDR with ADDR one of tcp://HOST:PORT, \
-                             udp://HOST:PORT, unix:PATH, unix-dgram:PATH, systemd";
-        let (name, addr) = spec
-            .split_once('=')
-            .ok_or_else(|| format!("{spec:?}: missing `=`; {FORMS}"))?;
-        if name.is_empty() {
-            return Err(format!("{spec:?}: the name is empty; {FORMS}"));
-        }
-        if !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(format!(
-                "{spec:?}: the name {name:?} may contain only letters, digits, `-`, `_` and `.` \
-                 (it travels in LISTEN_FDNAMES)"
-            ));
-        }
+        let (name, addr) = listen::split_spec(spec).map_err(|e| format!("{spec:?}: {e}"))?;
         let addr = if addr == "systemd" {
             ListenAddr::Systemd
-        } else if let Some(rest) = addr.strip_prefix("tcp://") {
-            ListenAddr::Tcp(parse_host_port(rest).map_err(|e| format!("{spec:?}: {e}"))?)
-        } else if let Some(rest) = addr.strip_prefix("udp://") {
-            ListenAddr::Udp(parse_host_port(rest).map_err(|e| format!("{spec:?}: {e}"))?)
-        } else if let Some(path) = addr.strip_prefix("unix-dgram:") {
-            ListenAddr::UnixDgram(parse_path(path).map_err(|e| format!("{spec:?}: {e}"))?)
-        } else if let Some(path) = addr.strip_prefix("unix:") {
-            ListenAddr::Unix(parse_path(path).map_err(|e| format!("{spec:?}: {e}"))?)
         } else {
-            return Err(format!("{spec:?}: unknown address {addr:?}; {FORMS}"));
+            let addr = listen::parse_addr(addr).map_err(|e| {
+                let hint = if e.starts_with("unknown address") {
+                    ", or systemd to adopt a socket-activated one"
+                } else {
+                    ""
+                };
+                format!("{spec:?}: {e}{hint}")
+            })?;
+            ListenAddr::Bind(addr)
         };
         Ok(ListenSpec {
             name: name.to_owned(),
             addr,
         })
     }
-}
-
-fn parse_host_port(s: &str) -> Result<SocketAddr, String> {
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} has no `:PORT`"))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("port {port:?} is not a number from 0 to 65535"))?;
-    let ip: IpAddr = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        v6.parse()
-            .map_err(|_| format!("{v6:?} is not an IPv6 address"))?
-    } else {
-        host.parse().map_err(|_| {
-            format!(
-                "{host:?} is not an IP address (write 127.0.0.1, 0.0.0.0, or an IPv6 address \
-                 in brackets like [::1])"
-            )
-        })?
-    };
-    Ok(SocketAddr::new(ip, port))
-}
-
-fn parse_path(path: &str) -> Result<PathBuf, String> {
-    if path.is_empty() {
-        return Err("the socket path is empty".into());
-    }
-    // sun_path holds 108 bytes including the terminating NUL.
-    if path.len() > 107 {
-        return Err(format!(
-            "the socket path is {} bytes long; Unix sockets allow at most 107",
-            path.len()
-        ));
-    }
-    Ok(PathBuf::from(path))
 }
 
 /// A bound listener, held by the supervisor for its whole life.
@@ -164,22 +106,22 @@ impl Listener {
             source,
         };
         let (socket, kind, unlink) = match &spec.addr {
-            ListenAddr::Tcp(addr) => (
+            ListenAddr::Bind(BindAddr::Tcp(addr)) => (
                 bind_inet(*addr, Type::STREAM).map_err(bind_err)?,
                 ListenerKind::Tcp,
                 None,
             ),
-            ListenAddr::Udp(addr) => (
+            ListenAddr::Bind(BindAddr::Udp(addr)) => (
                 bind_inet(*addr, Type::DGRAM).map_err(bind_err)?,
                 ListenerKind::Udp,
                 None,
             ),
-            ListenAddr::Unix(path) => (
+            ListenAddr::Bind(BindAddr::Unix(path)) => (
                 bind_unix(path, Type::STREAM).map_err(bind_err)?,
                 ListenerKind::Unix,
                 Some(path.clone()),
             ),
-            ListenAddr::UnixDgram(path) => (
+            ListenAddr::Bind(BindAddr::UnixDgram(path)) => (
                 bind_unix(path, Type::DGRAM).map_err(bind_err)?,
                 ListenerKind::UnixDgram,
                 Some(path.clone()),
@@ -418,23 +360,23 @@ mod tests {
     fn parses_every_form() {
         assert_eq!(
             parse("http=tcp://127.0.0.1:8080").unwrap().addr,
-            ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap())
+            ListenAddr::Bind(BindAddr::Tcp("127.0.0.1:8080".parse().unwrap()))
         );
         assert_eq!(
             parse("v6=tcp://[::1]:0").unwrap().addr,
-            ListenAddr::Tcp("[::1]:0".parse().unwrap())
+            ListenAddr::Bind(BindAddr::Tcp("[::1]:0".parse().unwrap()))
         );
         assert_eq!(
             parse("dns=udp://0.0.0.0:53").unwrap().addr,
-            ListenAddr::Udp("0.0.0.0:53".parse().unwrap())
+            ListenAddr::Bind(BindAddr::Udp("0.0.0.0:53".parse().unwrap()))
         );
         assert_eq!(
             parse("s=unix:/run/x.sock").unwrap().addr,
-            ListenAddr::Unix("/run/x.sock".into())
+            ListenAddr::Bind(BindAddr::Unix("/run/x.sock".into()))
         );
         assert_eq!(
             parse("d=unix-dgram:/run/d.sock").unwrap().addr,
-            ListenAddr::UnixDgram("/run/d.sock".into())
+            ListenAddr::Bind(BindAddr::UnixDgram("/run/d.sock".into()))
         );
         assert_eq!(parse("web=systemd").unwrap().addr, ListenAddr::Systemd);
     }

@@ -186,7 +186,7 @@ mod drain;
 mod error;
 #[cfg(feature = "axum")]
 pub mod http;
-mod listen;
+pub mod listen;
 mod listeners;
 pub mod protocol;
 mod state;

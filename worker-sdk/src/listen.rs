@@ -4,6 +4,10 @@
 //! `SO_REUSEADDR` on TCP, a generous backlog, close-on-exec, stale Unix
 //! socket files replaced, live ones refused).
 //!
+//! The parser is public because it is shared: `baton run --listen` parses
+//! with it too (adding only its own `systemd` form), so the two can never
+//! disagree on the syntax.
+//!
 //! Only a worker started without baton binds anything; under baton the
 //! supervisor's listeners are the only ones. This module never touches a
 //! socket it did not create.
@@ -29,14 +33,16 @@ const FORMS: &str = "expected NAME=ADDR with ADDR one of tcp://HOST:PORT, udp://
 
 /// One `NAME=ADDR`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ListenSpec {
-    pub(crate) name: String,
-    pub(crate) addr: ListenAddr,
+pub struct ListenSpec {
+    /// The listener's name (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// Where it binds.
+    pub addr: ListenAddr,
 }
 
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ListenAddr {
+pub enum ListenAddr {
     /// `tcp://HOST:PORT`
     Tcp(SocketAddr),
     /// `udp://HOST:PORT`
@@ -48,7 +54,8 @@ pub(crate) enum ListenAddr {
 }
 
 impl ListenAddr {
-    pub(crate) fn kind(&self) -> ListenerKind {
+    /// The kind of listener this address makes.
+    pub fn kind(&self) -> ListenerKind {
         match self {
             ListenAddr::Tcp(_) => ListenerKind::Tcp,
             ListenAddr::Udp(_) => ListenerKind::Udp,
@@ -69,9 +76,15 @@ impl fmt::Display for ListenAddr {
     }
 }
 
-/// Parses one `NAME=ADDR`; the error says what is wrong and what is
-/// expected (the entry itself is named by the caller).
-pub(crate) fn parse_spec(spec: &str) -> Result<ListenSpec, String> {
+/// Splits `NAME=ADDR` and checks the name (it travels in
+/// `LISTEN_FDNAMES`, so no `:`); the error says what is wrong.
+///
+/// ```
+/// let (name, addr) = baton_worker::listen::split_spec("http=tcp://127.0.0.1:8080").unwrap();
+/// assert_eq!((name, addr), ("http", "tcp://127.0.0.1:8080"));
+/// assert!(baton_worker::listen::split_spec("a:b=unix:/x").is_err());
+/// ```
+pub fn split_spec(spec: &str) -> Result<(&str, &str), String> {
     let (name, addr) = spec
         .split_once('=')
         .ok_or_else(|| format!("missing `=`; {FORMS}"))?;
@@ -83,9 +96,17 @@ pub(crate) fn parse_spec(spec: &str) -> Result<ListenSpec, String> {
         .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
         return Err(format!(
-            "the name {name:?} may contain only letters, digits, `-`, `_` and `.`"
+            "the name {name:?} may contain only letters, digits, `-`, `_` and `.` \
+             (it travels in LISTEN_FDNAMES)"
         ));
     }
+    Ok((name, addr))
+}
+
+/// Parses one `NAME=ADDR`; the error says what is wrong and what is
+/// expected (the entry itself is named by the caller).
+pub fn parse_spec(spec: &str) -> Result<ListenSpec, String> {
+    let (name, addr) = split_spec(spec)?;
     let addr = parse_addr(addr)?;
     Ok(ListenSpec {
         name: name.to_owned(),
@@ -93,8 +114,19 @@ pub(crate) fn parse_spec(spec: &str) -> Result<ListenSpec, String> {
     })
 }
 
-/// Parses an ADDR as `baton run --listen` does.
-pub(crate) fn parse_addr(addr: &str) -> Result<ListenAddr, String> {
+/// Parses an ADDR as `baton run --listen` does: `tcp://HOST:PORT` (HOST an
+/// IP address, IPv6 in brackets), `udp://HOST:PORT`, `unix:PATH`,
+/// `unix-dgram:PATH`.
+///
+/// ```
+/// use baton_worker::listen::{parse_addr, ListenAddr};
+/// assert_eq!(
+///     parse_addr("tcp://[::1]:80"),
+///     Ok(ListenAddr::Tcp("[::1]:80".parse().unwrap()))
+/// );
+/// assert!(parse_addr("tcp://localhost:80").unwrap_err().contains("not an IP address"));
+/// ```
+pub fn parse_addr(addr: &str) -> Result<ListenAddr, String> {
     if let Some(rest) = addr.strip_prefix("tcp://") {
         Ok(ListenAddr::Tcp(parse_host_port(rest)?))
     } else if let Some(rest) = addr.strip_prefix("udp://") {

@@ -54,6 +54,8 @@ pub struct Sample {
     pub rss_kib: u64,
     /// Entries in `/proc/PID/fd`.
     pub fds: usize,
+    /// CPU time baton has used so far.
+    pub cpu: Duration,
 }
 
 /// Everything [`reloads_and_startup`] measured.
@@ -83,6 +85,8 @@ pub struct DataPath {
     pub standalone: Vec<f64>,
     /// Failed requests under baton (the promise: none).
     pub baton_failures: u64,
+    /// Requests under baton, in all.
+    pub baton_requests: u64,
     /// Failed requests standalone (none expected: nothing reloads).
     pub standalone_failures: u64,
 }
@@ -131,6 +135,7 @@ pub fn reloads_and_startup(bins: &Binaries, plan: ReloadPlan) -> Result<ReloadFi
             reloads: figures.reloads,
             rss_kib: procs::rss_kib(baton.pid())?,
             fds: procs::settled_fd_count(baton.pid())?,
+            cpu: procs::cpu_time(baton.pid())?,
         });
         Ok(())
     };
@@ -265,6 +270,7 @@ pub fn data_path(
                 let report = load.finish(runtime);
                 baton.stop()?;
                 figures.baton_failures += report.counts.failed();
+                figures.baton_requests += report.counts.total();
                 figures.under_baton.push(rate(&report));
             } else {
                 let hello = Restarter::start(bins, false, Duration::from_secs(30))?;

@@ -30,6 +30,7 @@ mod sys;
 
 use std::time::{Duration, Instant};
 
+use crate::load::LatencySummary;
 use figures::{DataPath, ReloadFigures, ReloadPlan};
 use stats::{dur, ratio, secs, Spread, Table};
 use strategy::{LoadShape, Round, Strategy};
@@ -51,6 +52,34 @@ pub struct Config {
     pub reloads: ReloadPlan,
     /// How long each side of the data path comparison runs per round.
     pub data_path_duration: Duration,
+    /// Run only this part (`--only`), for working on one figure.
+    pub only: Option<Section>,
+}
+
+/// A part of the report, for `--only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    /// The strategy table.
+    Strategies,
+    /// Reload latency, start-up, RSS and fds.
+    Reloads,
+    /// Data path cost.
+    DataPath,
+    /// State handoff cost.
+    Handoff,
+}
+
+impl Section {
+    /// The section named `name` on the command line.
+    pub fn parse(name: &str) -> Option<Section> {
+        match name {
+            "strategies" => Some(Section::Strategies),
+            "reloads" => Some(Section::Reloads),
+            "data-path" => Some(Section::DataPath),
+            "handoff" => Some(Section::Handoff),
+            _ => None,
+        }
+    }
 }
 
 impl Config {
@@ -62,7 +91,7 @@ impl Config {
             load: LoadShape {
                 fast: 8,
                 slow: 2,
-                slow_ms: 200,
+                slow_ms: 100,
                 keep_alive: 0.5,
                 timeout: Duration::from_secs(5),
             },
@@ -75,6 +104,7 @@ impl Config {
                 soak_reloads: 1000,
             },
             data_path_duration: Duration::from_secs(5),
+            only: None,
         }
     }
 
@@ -135,65 +165,83 @@ pub fn run(config: &Config) -> Result<Outcome, String> {
 
     print_header(config, &bins);
     let mut outcome = Outcome::default();
+    let wants = |section: Section| config.only.is_none_or(|only| only == section);
 
-    progress("checking whether hello takes LISTEN_FDS without baton");
-    let hold_unsupported = strategy::probe_hold(&bins);
-    let strategies: Vec<Strategy> = Strategy::ALL
-        .into_iter()
-        .filter(|s| *s != Strategy::Hold || hold_unsupported.is_none())
-        .collect();
+    // Reload latency and start-ups first, while the bench is small: every
+    // start-up forks this process, and a fork costs more the more memory
+    // the forking process maps.
+    let reloads = if wants(Section::Reloads) {
+        progress("reload latency beside hello's start-up; RSS and fds over reloads");
+        let reloads = figures::reloads_and_startup(&bins, config.reloads)?;
+        outcome.baton_failed_reloads += reloads.failed;
+        outcome.baton_reloads += reloads.reloads;
+        Some(reloads)
+    } else {
+        None
+    };
 
-    let mut rounds: Vec<Round> = Vec::new();
-    for round in 0..config.rounds {
-        // Rotate the order so no strategy always runs first or last.
-        let n = strategies.len();
-        for i in 0..n {
-            let strategy = strategies[(i + round) % n];
-            progress(&format!(
-                "round {}/{}: {}",
-                round + 1,
-                config.rounds,
-                strategy.name()
-            ));
-            let mut ran = strategy::run_round(
-                strategy,
-                &bins,
-                &runtime,
-                &config.load,
-                config.round_duration,
-                config.reload_interval,
-            )?;
-            ran.round = round;
-            rounds.push(ran);
+    if wants(Section::Strategies) {
+        progress("checking whether hello takes LISTEN_FDS without baton");
+        let hold_unsupported = strategy::probe_hold(&bins);
+        let strategies: Vec<Strategy> = Strategy::ALL
+            .into_iter()
+            .filter(|s| *s != Strategy::Hold || hold_unsupported.is_none())
+            .collect();
+        let mut rounds: Vec<Round> = Vec::new();
+        for round in 0..config.rounds {
+            // Rotate the order so no strategy always runs first or last.
+            let n = strategies.len();
+            for i in 0..n {
+                let strategy = strategies[(i + round) % n];
+                progress(&format!(
+                    "round {}/{}: {}",
+                    round + 1,
+                    config.rounds,
+                    strategy.name()
+                ));
+                let mut ran = strategy::run_round(
+                    strategy,
+                    &bins,
+                    &runtime,
+                    &config.load,
+                    config.round_duration,
+                    config.reload_interval,
+                )?;
+                ran.round = round;
+                rounds.push(ran);
+            }
+        }
+        print_strategies(config, &rounds, hold_unsupported.as_deref());
+        for round in rounds.iter().filter(|r| r.strategy.is_baton()) {
+            outcome.baton_failed_requests += round.report.counts.failed();
+            outcome.baton_failed_reloads += round.reload_problems;
+            outcome.baton_requests += round.report.counts.total();
+            outcome.baton_reloads += round.reloads;
         }
     }
-    print_strategies(config, &rounds, hold_unsupported.as_deref());
-    for round in rounds.iter().filter(|r| r.strategy.is_baton()) {
-        outcome.baton_failed_requests += round.report.counts.failed();
-        outcome.baton_failed_reloads += round.reload_problems;
-        outcome.baton_requests += round.report.counts.total();
-        outcome.baton_reloads += round.reloads;
+
+    if let Some(reloads) = &reloads {
+        print_reloads(reloads);
     }
 
-    progress("reload latency beside hello's start-up; RSS and fds over reloads");
-    let reloads = figures::reloads_and_startup(&bins, config.reloads)?;
-    print_reloads(&reloads);
-    outcome.baton_failed_reloads += reloads.failed;
-    outcome.baton_reloads += reloads.reloads;
+    if wants(Section::DataPath) {
+        progress("data path: hello under baton and standalone");
+        let data_path = figures::data_path(
+            &bins,
+            &runtime,
+            &config.load,
+            config.rounds,
+            config.data_path_duration,
+        )?;
+        print_data_path(config, &data_path);
+        outcome.baton_failed_requests += data_path.baton_failures;
+        outcome.baton_requests += data_path.baton_requests;
+    }
 
-    progress("data path: hello under baton and standalone");
-    let data_path = figures::data_path(
-        &bins,
-        &runtime,
-        &config.load,
-        config.rounds,
-        config.data_path_duration,
-    )?;
-    print_data_path(config, &data_path);
-    outcome.baton_failed_requests += data_path.baton_failures;
-
-    println!("\n== State handoff ==");
-    handoff::measure_and_print();
+    if wants(Section::Handoff) {
+        println!("\n== State handoff ==");
+        handoff::measure_and_print();
+    }
 
     println!(
         "\nbaton: {} failed requests of {}, {} failed reloads of {}; whole run {:.0}s",
@@ -275,16 +323,16 @@ fn print_strategies(config: &Config, rounds: &[Round], hold_unsupported: Option<
         }
         let sum = |f: &dyn Fn(&Round) -> u64| mine.iter().map(|r| f(r)).sum::<u64>();
         let c = |f: fn(&crate::load::Counts) -> u64| sum(&|r: &Round| f(&r.report.counts));
-        let quantiles = |q: f64| {
+        let quantiles = |pick: fn(&LatencySummary) -> Duration| {
             let per_round: Vec<Duration> = mine
                 .iter()
-                .filter_map(|r| r.report.latency_quantile(q))
+                .filter_map(|r| r.latency.as_ref().map(pick))
                 .collect();
             Spread::of_durations(&per_round).map_or_else(|| "-".into(), |s| secs(s.median))
         };
         let max = mine
             .iter()
-            .filter_map(|r| r.report.latencies.iter().max().copied())
+            .filter_map(|r| r.latency.map(|l| l.max))
             .max()
             .map_or_else(|| "-".into(), dur);
         // Throughput relative to the no-reload row of the same round.
@@ -315,8 +363,8 @@ fn print_strategies(config: &Config, rounds: &[Round], hold_unsupported: Option<
             c(|c| c.bad_status).to_string(),
             c(|c| c.connect_error + c.malformed).to_string(),
             c(|c| c.retried).to_string(),
-            quantiles(0.5),
-            quantiles(0.99),
+            quantiles(|l| l.p50),
+            quantiles(|l| l.p99),
             max,
             Spread::of(&relative).map_or_else(|| "-".into(), |s| s.show(ratio)),
         ]);
@@ -335,16 +383,18 @@ fn print_strategies(config: &Config, rounds: &[Round], hold_unsupported: Option<
     }
     for strategy in Strategy::ALL {
         let mine: Vec<&Round> = rounds.iter().filter(|r| r.strategy == strategy).collect();
-        let failures: Vec<_> = mine
-            .iter()
-            .flat_map(|r| &r.report.failures)
-            .take(3)
-            .collect();
+        // One example of each kind of failure, the first seen.
+        let mut failures: Vec<&crate::load::Detail> = Vec::new();
+        for detail in mine.iter().flat_map(|r| &r.report.failures) {
+            if !failures.iter().any(|f| f.bin == detail.bin) {
+                failures.push(detail);
+            }
+        }
         let problems: Vec<_> = mine.iter().flat_map(|r| &r.problems).take(3).collect();
         if failures.is_empty() && problems.is_empty() {
             continue;
         }
-        println!("{}: first failures:", strategy.name());
+        println!("{}: a failure of each kind seen:", strategy.name());
         for failure in failures {
             println!("  {failure}");
         }
@@ -460,12 +510,13 @@ fn print_reloads(figures: &ReloadFigures) {
         "\n== baton's memory and descriptors over {} reloads ==",
         figures.reloads
     );
-    let mut table = Table::new(&["after reloads", "RSS", "open fds"]);
+    let mut table = Table::new(&["after reloads", "RSS", "open fds", "CPU time"]);
     for s in &figures.samples {
         table.row(vec![
             s.reloads.to_string(),
             format!("{:.1} MiB", s.rss_kib as f64 / 1024.0),
             s.fds.to_string(),
+            dur(s.cpu),
         ]);
     }
     print!("{table}");
@@ -483,6 +534,15 @@ fn print_reloads(figures: &ReloadFigures) {
             last.rss_kib as i64 - first.rss_kib as i64,
             last.fds as i64 - first.fds as i64,
         );
+        let reloads = last.reloads.saturating_sub(warm.reloads);
+        if reloads > 0 {
+            println!(
+                "baton's CPU time per reload: {} (user + system, from {} to {} reloads)",
+                dur(last.cpu.saturating_sub(warm.cpu) / reloads as u32),
+                warm.reloads,
+                last.reloads
+            );
+        }
     }
     if figures.reloads > 0 {
         println!(

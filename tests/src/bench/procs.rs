@@ -296,6 +296,24 @@ pub fn rss_kib(pid: u32) -> Result<u64, String> {
         .ok_or_else(|| format!("no VmRSS line in {path}"))
 }
 
+/// CPU time `pid` has used, user and system (`/proc/PID/stat`), with the
+/// 10ms resolution of its clock ticks (`USER_HZ`, 100 on Linux).
+pub fn cpu_time(pid: u32) -> Result<Duration, String> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
+    // The fields after the parenthesised command name start at field 3
+    // (state); utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok(Duration::from_millis((user + system) * 10)),
+        _ => Err(format!("no utime and stime in {path}: {stat:?}")),
+    }
+}
+
 /// Open descriptors of `pid` once transient ones are gone: the fewest of
 /// five counts 1ms apart. A control connection the bench has just closed
 /// can stay open in baton for a moment, until its task sees the hang-up.

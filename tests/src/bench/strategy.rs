@@ -12,6 +12,11 @@
 //!   fd 3 (`LISTEN_FDS`), as `systemfd` does for `cargo watch`; a reload is
 //!   SIGTERM, wait for the exit, then start the next `hello`.
 //!
+//! Like `baton reload --wait`, a restart is over when the new `hello`
+//! answers a request (the bench's own probe, not counted in the load).
+//! Reloads follow a fixed clock: one that overruns its tick delays the
+//! next, which then starts at once; later ticks are not made up.
+//!
 //! The bench's processes never share anything between rounds: each round
 //! starts its own baton or `hello` and stops it at the end.
 
@@ -25,7 +30,7 @@ use tokio::runtime::Runtime;
 use super::baton::BatonProc;
 use super::procs::{self, Binaries, Proc};
 use super::stats;
-use crate::load::{self, LoadConfig, LoadHandle, LoadReport, Target};
+use crate::load::{self, LatencySummary, LoadConfig, LoadHandle, LoadReport, Target};
 
 /// How long a stopped `hello` may take to drain and exit before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,7 +114,8 @@ impl LoadMix {
             config.slow_fraction = slow_fraction;
             config.slow_ms = shape.slow_ms;
             config.timeout = shape.timeout;
-            config.max_details = 20;
+            // Enough to find an example of every kind of failure.
+            config.max_details = 1000;
             config
         };
         let _entered = runtime.enter();
@@ -219,13 +225,22 @@ impl Restarter {
         Ok(())
     }
 
-    /// Stops the running `hello` (SIGTERM, wait for its exit) and starts
-    /// the next one without waiting for it to serve. Returns what went
-    /// wrong with the old one, if anything (it had died, it did not exit in
-    /// time, it exited with a failure).
+    /// Stops the running `hello` (SIGTERM, wait for its exit), starts the
+    /// next one and waits until it answers a request, as `reload --wait`
+    /// waits for the new generation to serve (and as `systemctl restart`
+    /// waits for a notify service). Returns what went wrong, if anything:
+    /// the old one had died, did not exit in time or exited with a failure,
+    /// or the new one did not serve.
     pub fn restart(&mut self) -> Result<Option<String>, String> {
         let problem = self.stop_current()?;
         self.spawn()?;
+        let proc = self.current.as_mut();
+        if let Err(e) = procs::wait_http(self.addr, STOP_TIMEOUT, proc) {
+            return Ok(Some(match problem {
+                Some(problem) => format!("{problem}; then the next hello: {e}"),
+                None => format!("the next hello: {e}"),
+            }));
+        }
         Ok(problem)
     }
 
@@ -306,8 +321,12 @@ pub struct Round {
     pub round: usize,
     /// Which strategy.
     pub strategy: Strategy,
-    /// The load's report: fast and slow tasks together.
+    /// The load's report: fast and slow tasks together, without its
+    /// `latencies` (summarized in `latency`; a full run would otherwise
+    /// hold millions of them).
     pub report: LoadReport,
+    /// p50, p99 and max latency of the successful requests.
+    pub latency: Option<LatencySummary>,
     /// Reloads done.
     pub reloads: u64,
     /// Reloads that went wrong (baton: failed; restarts: the old worker
@@ -356,6 +375,7 @@ pub fn run_round(
         round: 0,
         strategy,
         report: LoadReport::default(),
+        latency: None,
         reloads: 0,
         reload_problems: 0,
         problems: Vec::new(),
@@ -373,6 +393,8 @@ pub fn run_round(
     }
     std::thread::sleep(end.saturating_duration_since(Instant::now()));
     round.report = load.finish(runtime);
+    round.latency = round.report.latency_summary();
+    round.report.latencies = Vec::new();
     if let Some(problem) = running.finish()? {
         round.note(problem);
     }

@@ -11,16 +11,18 @@
 //! cargo run --release -p baton-tests --bin reload-bench -- --smoke # seconds, for CI
 //! ```
 //!
-//! `RELOAD_BENCH_SMOKE=1` is the same as `--smoke`. Exit status: 0 when
+//! `RELOAD_BENCH_SMOKE=1` is the same as `--smoke`; `--rounds N` changes
+//! the number of rounds; `--only SECTION` runs one part of the report. Exit status: 0 when
 //! baton dropped no request and failed no reload, 1 when it did (the other
 //! strategies' failures are the result, not an error), 2 when the bench
 //! could not run.
 
 use std::process::ExitCode;
 
-use baton_tests::bench::{self, Config};
+use baton_tests::bench::{self, Config, Section};
 
-const USAGE: &str = "usage: reload-bench [--smoke] [--rounds N]";
+const USAGE: &str =
+    "usage: reload-bench [--smoke] [--rounds N] [--only strategies|reloads|data-path|handoff]";
 
 fn main() -> ExitCode {
     let config = match parse(std::env::args().skip(1)) {
@@ -50,6 +52,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Config, String> {
     let smoke_env = std::env::var("RELOAD_BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0");
     let mut smoke = smoke_env;
     let mut rounds = None;
+    let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--smoke" => smoke = true,
@@ -64,6 +67,15 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Config, String> {
                     .ok_or_else(|| format!("--rounds {value:?}: not a positive number"))?;
                 rounds = Some(n);
             }
+            "--only" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| format!("--only needs a section; {USAGE}"))?;
+                only = Some(
+                    Section::parse(&value)
+                        .ok_or_else(|| format!("--only {value:?}: no such section; {USAGE}"))?,
+                );
+            }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
@@ -73,6 +85,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Config, String> {
     } else {
         Config::full()
     };
+    config.only = only;
     if let Some(n) = rounds {
         config.rounds = n;
         config.reloads.rounds = n;
