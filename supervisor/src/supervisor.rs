@@ -209,6 +209,10 @@ struct Generation {
     notify_path: PathBuf,
     /// Reader tasks, aborted when the generation is gone.
     tasks: Vec<tokio::task::AbortHandle>,
+    /// Pending deadlines (ready, freeze, drain): the start-up ones are
+    /// aborted once it is ready, all of them once it is gone, so a reload
+    /// leaves no sleeping task behind.
+    timers: Vec<tokio::task::AbortHandle>,
 }
 
 /// The reload (or start, or restart) in progress: building, or its
@@ -694,23 +698,12 @@ impl Supervisor {
                 status: None,
                 notify_path: spawned.notify_path,
                 tasks,
+                timers: Vec::new(),
             },
         );
-        self.after(
-            self.config.ready_timeout,
-            Event::Timer {
-                generation: number,
-                timer: Timer::ReadyTimeout,
-            },
-        );
+        self.arm(number, self.config.ready_timeout, Timer::ReadyTimeout);
         if let Readiness::After(d) = self.config.readiness {
-            self.after(
-                d,
-                Event::Timer {
-                    generation: number,
-                    timer: Timer::ReadyAfter,
-                },
-            );
+            self.arm(number, d, Timer::ReadyAfter);
         }
     }
 
@@ -725,6 +718,9 @@ impl Supervisor {
         }
         g.phase = Phase::Serving;
         g.serving_since = Some(Instant::now());
+        for timer in g.timers.drain(..) {
+            timer.abort();
+        }
         tracing::info!("generation {number} (pid {}) is ready ({how})", g.pid);
         let old: Vec<u64> = self
             .generations
@@ -872,13 +868,7 @@ impl Supervisor {
                 tracing::warn!("signalling generation {number} (pid {}): {e}", g.pid);
             }
         }
-        self.after(
-            timeout,
-            Event::Timer {
-                generation: number,
-                timer: Timer::DrainTimeout,
-            },
-        );
+        self.arm(number, timeout, Timer::DrainTimeout);
     }
 
     fn begin_stop(&mut self) {
@@ -956,7 +946,7 @@ impl Supervisor {
         let Some(g) = self.generations.remove(&number) else {
             return;
         };
-        for task in &g.tasks {
+        for task in g.tasks.iter().chain(&g.timers) {
             task.abort();
         }
         self.launcher.forget(&g.notify_path);
@@ -1128,13 +1118,7 @@ impl Supervisor {
                     answered: false,
                     since: Instant::now(),
                 });
-                self.after(
-                    self.config.freeze_timeout,
-                    Event::Timer {
-                        generation: number,
-                        timer: Timer::FreezeTimeout,
-                    },
-                );
+                self.arm(number, self.config.freeze_timeout, Timer::FreezeTimeout);
             }
             Err(e) => {
                 tracing::warn!("asking generation {from} to freeze: {e}; using the checkpoint");
@@ -1301,12 +1285,28 @@ impl Supervisor {
     // ---- helpers --------------------------------------------------------
 
     /// Sends `event` to the loop after `delay`.
-    fn after(&self, delay: Duration, event: Event) {
+    fn after(&self, delay: Duration, event: Event) -> tokio::task::AbortHandle {
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let _ = events.send(event).await;
-        });
+        })
+        .abort_handle()
+    }
+
+    /// Arms deadline `timer` of generation `number`, owned by it.
+    fn arm(&mut self, number: u64, delay: Duration, timer: Timer) {
+        let handle = self.after(
+            delay,
+            Event::Timer {
+                generation: number,
+                timer,
+            },
+        );
+        match self.generations.get_mut(&number) {
+            Some(g) => g.timers.push(handle),
+            None => handle.abort(),
+        }
     }
 
     fn serving_generation(&self) -> Option<u64> {

@@ -6,8 +6,7 @@
 //!
 //! The parts: `strategy` (the strategies, the load mix, one round),
 //! `figures` (reload latency beside `hello`'s own start-up, RSS and
-//! descriptors over many reloads, data path cost), `handoff` (the marked
-//! place for the state handoff cost), `baton` (a supervisor driven over its
+//! descriptors over many reloads, data path cost), `crate::handoff` (the state hand-over cost), `baton` (a supervisor driven over its
 //! control socket), `procs` (child guards, binaries, `/proc`), `stats`
 //! (medians, quantiles, tables) and `sys` (the only `unsafe`: fd 3 and
 //! `PR_SET_PDEATHSIG` in the child).
@@ -22,11 +21,9 @@
 
 pub mod baton;
 pub mod figures;
-pub mod handoff;
 pub mod procs;
 pub mod stats;
 pub mod strategy;
-mod sys;
 
 use std::time::{Duration, Instant};
 
@@ -240,7 +237,13 @@ pub fn run(config: &Config) -> Result<Outcome, String> {
 
     if wants(Section::Handoff) {
         println!("\n== State handoff ==");
-        handoff::measure_and_print();
+        let (sizes, rounds): (&[usize], usize) = if config.smoke {
+            (&[1 << 10, 1 << 20], 2)
+        } else {
+            (&[1 << 10, 1 << 20, 64 << 20], 5)
+        };
+        let rows = crate::handoff::measure(sizes, rounds)?;
+        println!("{}", crate::handoff::table(&rows));
     }
 
     println!(

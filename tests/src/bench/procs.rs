@@ -70,13 +70,13 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `cmd` as `name` (for messages), with fd 3 set up as
-    /// [`super::sys::spawn`] describes.
+    /// [`crate::sys::spawn`] describes.
     pub fn spawn(
         name: &str,
         cmd: &mut Command,
         fd3: Option<BorrowedFd<'_>>,
     ) -> Result<Proc, String> {
-        let child = super::sys::spawn(cmd, fd3)
+        let child = crate::sys::spawn(cmd, fd3)
             .map_err(|e| format!("starting {name} ({:?}): {e}", cmd.get_program()))?;
         Ok(Proc {
             name: name.to_owned(),
