@@ -40,15 +40,9 @@ pub fn bin_dir() -> &'static Path {
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args([
-            "build",
-            "--quiet",
-            "-p",
-            "baton",
-            "-p",
-            "baton-examples",
-            "--bins",
-        ]);
+        // The whole workspace, as `cargo test --workspace` builds it: the same
+        // feature set, so this is a no-op after it rather than a rebuild.
+        build.args(["build", "--quiet", "--workspace", "--bins"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
