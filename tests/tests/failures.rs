@@ -230,3 +230,35 @@ fn http_get(addr: &str, path: &str) -> String {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
+
+#[test]
+fn reloads_wait_while_max_draining_old_generations_are_still_draining() {
+    let baton = Baton::builder()
+        .args(["--listen", "http=tcp://127.0.0.1:0"])
+        .args(["--max-draining", "1", "--drain-timeout", "2s"])
+        .pyworker("--ignore-drain")
+        .start();
+    // Generation 1 ignores the drain: it stays draining until killed at 2s.
+    set_flags(&baton, "");
+    assert_eq!(baton.reload_ok(), 2);
+    let queued = baton.request(r#"{"command":"reload"}"#);
+    assert_eq!(queued["queued"], true, "{queued}");
+    let status = baton.status();
+    assert_eq!(status["reload_queued"], true, "{status}");
+    assert!(
+        status["reloading"].is_null(),
+        "not started while one drains: {status}"
+    );
+    assert!(baton
+        .log()
+        .contains("reload waits: 1 old generations are still draining"));
+    // Once generation 1 is gone, the queued reload runs: generation 3.
+    wait_for("the queued reload", Duration::from_secs(20), || {
+        (baton.status()["generation"] == 3).then_some(())
+    });
+    assert!(
+        baton.log().contains("was killed by SIGKILL"),
+        "{}",
+        baton.log()
+    );
+}
