@@ -292,10 +292,16 @@ fn describe_status(s: &Value) -> String {
         ));
     }
     match &s["last_reload"] {
-        Value::Object(r) if r.get("ok") == Some(&Value::Bool(true)) => out.push_str(&format!(
-            "  last reload: generation {} ok in {}ms\n",
-            r["generation"], r["ms"]
-        )),
+        Value::Object(r) if r.get("ok") == Some(&Value::Bool(true)) => {
+            let pause = r["accept_pause_ms"]
+                .as_f64()
+                .map(|ms| format!(", kept values handed over with {ms:.1}ms of accept pause"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  last reload: generation {} ok in {}ms{pause}\n",
+                r["generation"], r["ms"]
+            ))
+        }
         Value::Object(r) => out.push_str(&format!(
             "  last reload: generation {} FAILED after {}ms: {}\n",
             r["generation"],
