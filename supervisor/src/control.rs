@@ -305,13 +305,20 @@ async fn read_request(mut stream: UnixStream, slots: Arc<Semaphore>, events: mps
             return;
         }
     };
-    let Ok(slot) = slots.try_acquire_owned() else {
-        let _ = reply(
-            &mut stream,
-            &error("too many control requests at once; try again"),
-        )
-        .await;
-        return;
+    // Answers that wait (a reload's outcome, a stop) hold a slot; a status
+    // is answered at once and needs none, so waiters never crowd it out.
+    let waits = matches!(request, Request::Reload { wait: true } | Request::Stop);
+    let slot = if waits {
+        match slots.try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                let message = "too many control requests at once; try again";
+                let _ = reply(&mut stream, &error(message)).await;
+                return;
+            }
+        }
+    } else {
+        None
     };
     // Not aborted with the readers: a `reload --wait` may take a while.
     tokio::spawn(async move {

@@ -275,12 +275,14 @@ impl Launcher {
         let plan = sys::ExecPlan::new(self.cstr(program.as_os_str())?, argv, env)
             .with_listen_pid()
             .with_credentials(self.run_as.as_ref().map(|r| r.credentials.clone()));
-        let pid =
-            sys::spawn(&plan, &fds, self.dev_null.as_fd(), None).map_err(|f| Error::Spawn {
+        let pid = sys::spawn(&plan, &fds, self.dev_null.as_fd(), None).map_err(|f| {
+            let _ = std::fs::remove_file(&notify_path);
+            Error::Spawn {
                 command: program.display().to_string(),
                 step: f.step,
                 source: f.error,
-            })?;
+            }
+        })?;
         drop(theirs);
         Ok(Spawned {
             pid,

@@ -134,6 +134,11 @@ pub enum Event {
         /// The last lines it printed.
         tail: String,
     },
+    /// The build exited a second ago and its output is still open.
+    BuildOutputLate {
+        /// The generation the build was for.
+        generation: u64,
+    },
     /// The back-off after a crash is over; `seq` tells stale ones apart.
     RestartDue {
         /// The restart this timer was armed for.
@@ -204,6 +209,9 @@ struct Generation {
     speaks_protocol: bool,
     /// Told to freeze for a successor that is not ready yet.
     frozen: bool,
+    /// Said ready while its kept values were still on their way: becomes
+    /// ready once they have been sent.
+    ready_pending: bool,
     /// The last `STATUS=` it reported.
     status: Option<String>,
     notify_path: PathBuf,
@@ -233,6 +241,8 @@ struct InFlight {
 #[derive(Debug)]
 struct Build {
     pid: Pid,
+    /// The task reading its output; dropped if the output outlives it.
+    reader: tokio::task::AbortHandle,
     started: Instant,
     exit: Option<Result<(), String>>,
     tail: Option<String>,
@@ -459,6 +469,20 @@ impl Supervisor {
                 tracing::info!("files changed ({}): reloading", names.join(", "));
                 self.request_reload(None);
             }
+            Event::BuildOutputLate { generation } => {
+                if let Some(build) = self
+                    .in_flight
+                    .as_mut()
+                    .filter(|f| f.generation == generation)
+                    .and_then(|f| f.build.as_mut())
+                    .filter(|b| b.tail.is_none())
+                {
+                    build.reader.abort();
+                    build.tail =
+                        Some("(its output is still held open by a process it left behind)".into());
+                    self.finish_build();
+                }
+            }
             Event::BuildOutput { generation, tail } => {
                 if let Some(build) = self
                     .in_flight
@@ -542,10 +566,11 @@ impl Supervisor {
             return;
         }
         let waiters = self.queued.take().unwrap_or_default();
-        let purpose = if self.generations.values().any(|g| g.phase == Phase::Serving) {
+        // A triggered reload is a reload (it builds, systemd hears of it)
+        // even while a crashed worker waits for its restart; only the
+        // back-off timer restarts without building.
+        let purpose = if self.ever_served {
             Purpose::Reload
-        } else if self.ever_served {
-            Purpose::Restart
         } else {
             Purpose::First
         };
@@ -593,10 +618,12 @@ impl Supervisor {
         match started {
             Ok((pid, read)) => {
                 tracing::info!("building: {script} (pid {pid})");
-                tokio::spawn(read_build_output(number, read, self.events.clone()));
+                let reader = tokio::spawn(read_build_output(number, read, self.events.clone()))
+                    .abort_handle();
                 if let Some(f) = self.in_flight.as_mut() {
                     f.build = Some(Build {
                         pid,
+                        reader,
                         started: Instant::now(),
                         exit: None,
                         tail: None,
@@ -695,6 +722,7 @@ impl Supervisor {
                 channel,
                 speaks_protocol: false,
                 frozen: false,
+                ready_pending: false,
                 status: None,
                 notify_path: spawned.notify_path,
                 tasks,
@@ -714,6 +742,11 @@ impl Supervisor {
             return;
         };
         if g.phase != Phase::Starting {
+            return;
+        }
+        if self.handoff.is_some_and(|h| h.to == number && !h.answered) {
+            // Draining the frozen generation now would lose its values.
+            g.ready_pending = true;
             return;
         }
         g.phase = Phase::Serving;
@@ -793,6 +826,8 @@ impl Supervisor {
         }
         match (result, in_flight.purpose) {
             (Ok(()), _) => {}
+            // Stopped while starting: that is the stop, not a failure.
+            (Err(_), Purpose::First) if self.stopping => return,
             (Err(reason), Purpose::First) => {
                 self.fatal = Some(format!("generation {number}: {reason}"));
                 self.begin_stop();
@@ -931,6 +966,14 @@ impl Supervisor {
             });
             // Whatever the build left running would hold its output open.
             let _ = killpg(pid, Signal::SIGKILL);
+            // Something it left in another process group still could: give
+            // the output a second to end, then go on without its tail.
+            if let Some(generation) = self.in_flight.as_ref().map(|f| f.generation) {
+                self.after(
+                    Duration::from_secs(1),
+                    Event::BuildOutputLate { generation },
+                );
+            }
             self.finish_build();
             return;
         }
@@ -959,6 +1002,7 @@ impl Supervisor {
             );
             self.handoff = None;
             self.send_state(h.to, StateSource::Checkpoint);
+            self.ready_if_pending(h.to);
         }
         // Whatever the worker left in its process group goes with it.
         let _ = killpg(g.pid, Signal::SIGKILL);
@@ -1066,6 +1110,12 @@ impl Supervisor {
                     );
                 }
             }
+            Ok(WorkerMessage::Rejected { reason }) if g.phase != Phase::Starting => {
+                tracing::warn!(
+                    "generation {number} (pid {}) rejected kept values after it was ready: {reason}",
+                    g.pid
+                );
+            }
             Ok(WorkerMessage::Rejected { reason }) => {
                 let from = self
                     .handoff
@@ -1085,6 +1135,14 @@ impl Supervisor {
     /// serving generation if it keeps any, else answer from the last
     /// checkpoint.
     fn on_take_state(&mut self, number: u64) {
+        if let Some(h) = self.handoff.filter(|h| h.to == number) {
+            // Asked again (an abandoned `keep` future): the snapshot is on
+            // its way, or is sent again.
+            if h.answered {
+                self.send_state(number, StateSource::Snapshot);
+            }
+            return;
+        }
         let starting = self
             .generations
             .get(&number)
@@ -1145,6 +1203,7 @@ impl Supervisor {
                     h.answered = true;
                 }
                 self.send_state(h.to, StateSource::Snapshot);
+                self.ready_if_pending(h.to);
             }
             Err(reason) => {
                 self.fail_starting(h.to, format!("generation {number}'s snapshot: {reason}"));
@@ -1158,7 +1217,7 @@ impl Supervisor {
         let Some(g) = self.generations.get(&number) else {
             return;
         };
-        let owns = !g.frozen && g.phase != Phase::Draining;
+        let owns = !g.frozen && g.phase == Phase::Serving;
         let newer = self.kept.as_ref().is_none_or(|k| k.generation <= number);
         if !(owns && newer) {
             tracing::debug!("generation {number}: ignored a checkpoint (its values moved on)");
@@ -1170,6 +1229,18 @@ impl Supervisor {
                 self.kept = snapshot;
             }
             Err(reason) => tracing::warn!("generation {number}: refused a checkpoint: {reason}"),
+        }
+    }
+
+    /// Generation `number` said ready while waiting for its kept values,
+    /// which have now been sent.
+    fn ready_if_pending(&mut self, number: u64) {
+        let pending = self
+            .generations
+            .get_mut(&number)
+            .is_some_and(|g| std::mem::take(&mut g.ready_pending));
+        if pending {
+            self.on_ready(number, "ready, after its kept values arrived");
         }
     }
 
@@ -1216,7 +1287,12 @@ impl Supervisor {
         }
         match protocol::send(g.channel.get_ref().as_fd(), &SupervisorMessage::Thaw, &[]) {
             Ok(()) => tracing::info!("generation {} (pid {}) thaws and serves on", h.from, g.pid),
-            Err(e) => tracing::error!("telling generation {} to thaw: {e}", h.from),
+            Err(e) => {
+                // Still frozen, it accepts nothing: replace it.
+                tracing::error!("telling generation {} to thaw: {e}; replacing it", h.from);
+                self.begin_drain(h.from, "could not thaw");
+                self.schedule_restart();
+            }
         }
     }
 

@@ -219,14 +219,6 @@ impl ChildContext<'_> {
             // The Rust runtime ignores SIGPIPE; an ignored signal survives exec.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
 
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                self.fail(2);
-            }
-            // The supervisor may have died before the prctl took effect.
-            if libc::getppid() != self.parent {
-                self.fail(4);
-            }
-
             // Move every source above the target range first, so no source is
             // clobbered by an earlier dup2 and no dup2(fd, fd) leaves
             // close-on-exec set.
@@ -272,6 +264,15 @@ impl ChildContext<'_> {
                 {
                     self.fail_on(report, 5);
                 }
+            }
+            // After the user switch: changing credentials clears the
+            // parent-death signal.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                self.fail_on(report, 2);
+            }
+            // The supervisor may have died before the prctl took effect.
+            if libc::getppid() != self.parent {
+                self.fail_on(report, 4);
             }
 
             if !self.listen_pid_slot.is_null() {

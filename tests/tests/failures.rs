@@ -262,3 +262,25 @@ fn reloads_wait_while_max_draining_old_generations_are_still_draining() {
         baton.log()
     );
 }
+
+#[test]
+fn stopping_during_the_first_start_is_a_clean_stop() {
+    let mut baton = Baton::builder()
+        .args([
+            "--listen",
+            "http=tcp://127.0.0.1:0",
+            "--ready-timeout",
+            "60s",
+        ])
+        .pyworker("--never-ready")
+        .spawn();
+    wait_for("generation 1 to start", Duration::from_secs(20), || {
+        baton.control.exists().then_some(())?;
+        baton.worker_pid(1)
+    });
+    baton.signal(Signal::SIGTERM);
+    let status = baton.wait_exit(Duration::from_secs(20));
+    let log = baton.log();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!log.contains("killing every generation"), "{log}");
+}

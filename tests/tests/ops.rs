@@ -141,6 +141,15 @@ fn workers_run_as_the_given_user_and_still_reach_their_notify_socket() {
             .expect("Groups line");
         assert!(!groups.split_whitespace().any(|g| g == "0"), "{groups}");
     }
+    // Switching user clears the parent-death signal; baton sets it after
+    // the switch, so these workers still die with baton.
+    let worker = baton.worker_pid(2).expect("generation 2 runs");
+    baton.signal(nix::sys::signal::Signal::SIGKILL);
+    wait_for(
+        "the nobody worker to die with baton",
+        Duration::from_secs(10),
+        || baton_tests::harness::process_gone(worker).then_some(()),
+    );
 }
 
 #[test]

@@ -145,6 +145,8 @@ where
         if *frozen.borrow_and_update() {
             close_tx.send_replace(true);
             let (tx, rx) = watch::channel(false);
+            // Cohorts whose connections are all gone need no waiting for.
+            closed_cohorts.retain(|cohort| !cohort.is_closed());
             closed_cohorts.push(std::mem::replace(&mut close_tx, tx));
             close_rx = rx;
             // Paused: wait for a thaw, or the drain that follows a handover.
