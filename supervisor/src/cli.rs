@@ -65,7 +65,14 @@ pub enum Command {
         control: ControlArg,
     },
     /// Drain every generation, then make the supervisor exit.
+    ///
+    /// Safe to repeat: a second `baton stop` waits for the same drain. Only
+    /// --now (or a second SIGTERM/SIGINT to baton) kills workers that are
+    /// still finishing requests.
     Stop {
+        /// Kill every worker now instead of letting them drain.
+        #[arg(long)]
+        now: bool,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -135,8 +142,9 @@ pub struct RunArgs {
     /// the listeners first, so they may be privileged ports. Needs root.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
-    /// Run workers with this primary group (default: the user's).
-    #[arg(long, value_name = "GROUP")]
+    /// With --user: run workers with this primary group instead of the
+    /// user's.
+    #[arg(long, value_name = "GROUP", requires = "user")]
     pub group: Option<String>,
     /// The largest snapshot of kept values (SDK workers) baton accepts, like
     /// 64MiB; a larger one fails the reload and the old generation serves on.
@@ -236,8 +244,8 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::Stop { control } => {
-            ask(&control, &Request::Stop).await?;
+        Command::Stop { now, control } => {
+            ask(&control, &Request::Stop { now }).await?;
             println!("baton stopped");
             Ok(())
         }

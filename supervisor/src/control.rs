@@ -51,8 +51,13 @@ pub enum Request {
     },
     /// Describe the generations and the last reload.
     Status,
-    /// Drain every generation and exit; answered when done.
-    Stop,
+    /// Drain every generation and exit; answered when done. Repeating it
+    /// waits for the same drain; only `now` kills.
+    Stop {
+        /// Kill every worker now instead of letting them drain.
+        #[serde(default)]
+        now: bool,
+    },
 }
 
 /// Where the control socket goes when `--control` and `BATON_CONTROL` are
@@ -307,7 +312,10 @@ async fn read_request(mut stream: UnixStream, slots: Arc<Semaphore>, events: mps
     };
     // Answers that wait (a reload's outcome, a stop) hold a slot; a status
     // is answered at once and needs none, so waiters never crowd it out.
-    let waits = matches!(request, Request::Reload { wait: true } | Request::Stop);
+    let waits = matches!(
+        request,
+        Request::Reload { wait: true } | Request::Stop { .. }
+    );
     let slot = if waits {
         match slots.try_acquire_owned() {
             Ok(slot) => Some(slot),

@@ -28,7 +28,7 @@ pub mod notify;
 pub mod spawn;
 pub mod state;
 pub mod supervisor;
-mod sys;
+pub(crate) mod sys;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -47,6 +47,9 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// The command line asks for something baton cannot do.
+    #[error("{0}")]
+    Usage(String),
     /// A `--listen NAME=systemd` cannot be adopted.
     #[error("{0}")]
     Activation(String),

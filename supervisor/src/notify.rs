@@ -6,7 +6,10 @@
 //! `systemd-notify` has a pid of its own). [`read_worker_notify`] turns each
 //! datagram into an event for the supervisor's loop and closes every
 //! descriptor that comes with it at once (`systemd-notify` sends `BARRIER=1`
-//! with a pipe and waits until the receiver closes it).
+//! with a pipe and waits until the receiver closes it). A datagram counts
+//! only if the kernel says it came from the worker's user or root
+//! (`SO_PASSCRED`): no other local user can make a generation ready, whatever
+//! the socket file's mode.
 //!
 //! Outbound: [`Systemd`] sends the supervisor's own `READY=1`, `RELOADING=1`,
 //! `STATUS=`, `STOPPING=1` to the `NOTIFY_SOCKET` baton itself was started
@@ -58,8 +61,14 @@ impl NotifyMessage {
     }
 }
 
-/// Reads generation `generation`'s notify socket until the loop goes away.
-pub async fn read_worker_notify(generation: u64, socket: StdDatagram, events: mpsc::Sender<Event>) {
+/// Reads generation `generation`'s notify socket until the loop goes away;
+/// only datagrams sent by `uid` or root count.
+pub async fn read_worker_notify(
+    generation: u64,
+    socket: StdDatagram,
+    uid: u32,
+    events: mpsc::Sender<Event>,
+) {
     let socket = match UnixDatagram::from_std(socket) {
         Ok(s) => s,
         Err(e) => {
@@ -74,7 +83,15 @@ pub async fn read_worker_notify(generation: u64, socket: StdDatagram, events: mp
             .async_io(Interest::READABLE, || recv_closing_fds(fd, &mut buf))
             .await;
         match got {
-            Ok((len, truncated)) => {
+            Ok((len, truncated, sender)) => {
+                if sender != Some(uid) && sender != Some(0) {
+                    let who = sender.map_or("an unknown sender".to_owned(), |u| format!("uid {u}"));
+                    tracing::warn!(
+                        "generation {generation}: ignored a notify message from {who} (only uid \
+                         {uid} and root may send)"
+                    );
+                    continue;
+                }
                 if truncated {
                     tracing::warn!(
                         "generation {generation}: ignored a notify message longer than \
@@ -95,16 +112,18 @@ pub async fn read_worker_notify(generation: u64, socket: StdDatagram, events: mp
                 }
             }
             Err(e) => {
-                tracing::error!("generation {generation}: reading its notify socket: {e}");
-                return;
+                // ENOMEM, ENOBUFS and their kin pass; the socket stays ours.
+                tracing::warn!("generation {generation}: reading its notify socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
 /// Receives one datagram; closes any descriptors that came with it.
-fn recv_closing_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-    let mut cmsg = nix::cmsg_space!([RawFd; 16]);
+/// Returns its length, whether it was cut, and the sender's uid.
+fn recv_closing_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool, Option<u32>)> {
+    let mut cmsg = nix::cmsg_space!([RawFd; 16], libc::ucred);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = socket::recvmsg::<()>(
         fd,
@@ -112,15 +131,18 @@ fn recv_closing_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool)> {
         Some(&mut cmsg),
         MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
     )?;
+    let mut sender = None;
     if let Ok(cmsgs) = msg.cmsgs() {
         for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(fds) = c {
+            match c {
                 // Dropped at once: that close is what `BARRIER=1` waits for.
-                drop(crate::sys::own_received(&fds));
+                ControlMessageOwned::ScmRights(fds) => drop(crate::sys::own_received(&fds)),
+                ControlMessageOwned::ScmCredentials(creds) => sender = Some(creds.uid()),
+                _ => {}
             }
         }
     }
-    Ok((msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC)))
+    Ok((msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC), sender))
 }
 
 /// The supervisor's own line to systemd, if it was started with a

@@ -10,6 +10,13 @@
 //! `--build` command is started here too (same user, output to a pipe).
 //! The fork and exec live in `sys.rs`; this module prepares what they need
 //! and never waits for a child: the supervisor's reaper does.
+//!
+//! The notify sockets live in baton's runtime directory: a private directory
+//! (mode 0700) beside the control socket, or, when workers run as another
+//! user, under `/run` (mode 0711: the worker may pass through, not list or
+//! write), because the control socket's directory is private to baton. Each
+//! socket is mode 0600, owned by its worker's user, whatever the umask, and
+//! its file is removed with the generation (or at once, if the start fails).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -26,6 +33,25 @@ use nix::unistd::Pid;
 use crate::listener::Listener;
 use crate::sys::{self, Credentials};
 use crate::Error;
+
+/// Where the runtime directory goes when workers run as another user.
+const SHARED_RUN: &str = "/run";
+
+/// Checks that [`SHARED_RUN`] is a real directory only root may write.
+fn check_shared_run() -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let problem = match std::fs::symlink_metadata(SHARED_RUN) {
+        Err(e) => e.to_string(),
+        Ok(m) if !m.is_dir() => "it is not a directory".into(),
+        Ok(m) if m.uid() != 0 => format!("it belongs to uid {}, not root", m.uid()),
+        Ok(m) if m.mode() & 0o022 != 0 => "others may write to it".into(),
+        Ok(_) => return Ok(()),
+    };
+    Err(format!(
+        "--user: the workers' notify sockets go in a directory under {SHARED_RUN}, which \
+         cannot be used: {problem}"
+    ))
+}
 
 /// Variables baton sets for each worker, or must not pass through.
 const OWN_VARS: [&str; 6] = [
@@ -76,6 +102,48 @@ impl WorkerCommand {
     }
 }
 
+impl WorkerCommand {
+    /// The paths the child tries to exec, in order, found without touching
+    /// the file system (the event loop must not wait on a slow disk): the
+    /// program itself if it contains a `/`, else each `PATH` entry with it.
+    fn candidates(&self) -> Result<Vec<CString>, Error> {
+        let bad = || Error::Command {
+            command: self.program.to_string_lossy().into_owned(),
+            reason: "the name contains a NUL byte".into(),
+        };
+        let program = Path::new(&self.program);
+        if self.program.as_bytes().contains(&b'/') {
+            return Ok(vec![
+                CString::new(self.program.as_bytes()).map_err(|_| bad())?
+            ]);
+        }
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+        std::env::split_paths(&path)
+            .map(|dir| {
+                CString::new(dir.join(program).into_os_string().into_vec()).map_err(|_| bad())
+            })
+            .collect()
+    }
+}
+
+/// A file that is removed when this value is dropped: a notify socket's,
+/// from its bind until its generation is gone (or its start failed).
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl SocketFile {
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A started worker, as the supervisor sees it.
 #[derive(Debug)]
 pub struct Spawned {
@@ -85,8 +153,12 @@ pub struct Spawned {
     pub channel: OwnedFd,
     /// The worker's own notify socket.
     pub notify: UnixDatagram,
-    /// Where the notify socket lives; removed when the worker is gone.
-    pub notify_path: PathBuf,
+    /// The notify socket's file; removed when this is dropped.
+    pub notify_file: SocketFile,
+    /// The uid whose datagrams the notify socket accepts (besides root's).
+    pub notify_uid: u32,
+    /// Why the child could not exec, readable once it has exited.
+    pub report: sys::ExecReport,
 }
 
 /// The user workers run as (`--user`, `--group`), resolved at start-up.
@@ -166,7 +238,7 @@ impl RunAs {
     }
 }
 
-/// What every start shares: the worker command, the private directory for
+/// What every start shares: the worker command, the runtime directory for
 /// notify sockets, `/dev/null` for stdin, and the user to run as.
 #[derive(Debug)]
 pub struct Launcher {
@@ -178,29 +250,48 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    /// Creates the private directory (under `parent`) and opens `/dev/null`.
+    /// Creates the runtime directory (under `parent`, the control socket's
+    /// private directory, or under `/run` for workers of another user) and
+    /// opens `/dev/null`.
     pub fn new(
         command: WorkerCommand,
         parent: &Path,
         run_as: Option<RunAs>,
     ) -> Result<Launcher, Error> {
-        let io = |context: &str, source: std::io::Error| Error::Io {
-            context: context.to_owned(),
-            source,
-        };
+        let io = |context: String, source: std::io::Error| Error::Io { context, source };
         command.resolve()?;
+        // Workers of another user must reach their notify socket, and the
+        // control socket's directory is private to baton: they get one they
+        // may pass through (not list or write) under /run, which only root
+        // writes.
+        let (parent, mode) = match &run_as {
+            None => (parent, 0o700),
+            Some(_) => (Path::new(SHARED_RUN), 0o711),
+        };
+        if run_as.is_some() {
+            check_shared_run().map_err(Error::User)?;
+        }
         let run_dir = tempfile::Builder::new()
             .prefix("baton-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(parent)
-            .map_err(|e| io("creating baton's runtime directory", e))?;
-        if run_as.is_some() {
-            // Workers of another user must reach their notify socket: they
-            // may traverse the directory, not list or change it.
-            std::fs::set_permissions(run_dir.path(), std::fs::Permissions::from_mode(0o711))
-                .map_err(|e| io("opening baton's runtime directory to workers", e))?;
-        }
+            .map_err(|e| {
+                io(
+                    format!("creating baton's runtime directory in {}", parent.display()),
+                    e,
+                )
+            })?;
+        // Exactly this mode, whatever the umask took away or left.
+        std::fs::set_permissions(run_dir.path(), std::fs::Permissions::from_mode(mode)).map_err(
+            |e| {
+                io(
+                    format!("setting the mode of {}", run_dir.path().display()),
+                    e,
+                )
+            },
+        )?;
         let dev_null: OwnedFd = std::fs::File::open("/dev/null")
-            .map_err(|e| io("opening /dev/null", e))?
+            .map_err(|e| io("opening /dev/null".into(), e))?
             .into();
         Ok(Launcher {
             command,
@@ -210,9 +301,14 @@ impl Launcher {
         })
     }
 
+    /// The directory holding the notify sockets.
+    pub fn run_dir(&self) -> &Path {
+        self.run_dir.path()
+    }
+
     /// Starts generation `generation` of the worker on `listeners`.
     pub fn worker(&self, generation: u64, listeners: &[Listener]) -> Result<Spawned, Error> {
-        let program = self.command.resolve()?;
+        let candidates = self.command.candidates()?;
         let io = |what: &str, source: std::io::Error| Error::Io {
             context: format!("starting generation {generation}: {what}"),
             source,
@@ -224,14 +320,27 @@ impl Launcher {
         let _ = std::fs::remove_file(&notify_path);
         let notify =
             UnixDatagram::bind(&notify_path).map_err(|e| io("binding its notify socket", e))?;
+        // From here on, any failure removes the file again.
+        let notify_file = SocketFile(notify_path);
+        let notify_uid = self
+            .run_as
+            .as_ref()
+            .map_or_else(|| nix::unistd::geteuid().as_raw(), |r| r.credentials.uid);
+        // Only the worker's user (and root) may send: the file's mode and
+        // owner say so to the kernel, and the sender's credentials, checked
+        // on every datagram, say so again (`notify.rs`).
+        std::fs::set_permissions(notify_file.path(), std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io("setting its notify socket's mode", e))?;
+        if let Some(run_as) = &self.run_as {
+            let c = &run_as.credentials;
+            chown(notify_file.path(), Some(c.uid), Some(c.gid))
+                .map_err(|e| io("giving its notify socket to the worker's user", e))?;
+        }
+        nix::sys::socket::setsockopt(&notify, nix::sys::socket::sockopt::PassCred, &true)
+            .map_err(|e| io("asking for its notify senders' credentials", e.into()))?;
         notify
             .set_nonblocking(true)
             .map_err(|e| io("configuring its notify socket", e))?;
-        if let Some(run_as) = &self.run_as {
-            let c = &run_as.credentials;
-            chown(&notify_path, Some(c.uid), Some(c.gid))
-                .map_err(|e| io("giving its notify socket to the worker's user", e))?;
-        }
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -262,7 +371,7 @@ impl Launcher {
         };
         set("LISTEN_FDS", listeners.len().to_string().as_bytes());
         set("LISTEN_FDNAMES", names.join(":").as_bytes());
-        set("NOTIFY_SOCKET", notify_path.as_os_str().as_bytes());
+        set("NOTIFY_SOCKET", notify_file.path().as_os_str().as_bytes());
         set(CHANNEL_FD_ENV, channel_fd.to_string().as_bytes());
         set(GENERATION_ENV, generation.to_string().as_bytes());
 
@@ -272,30 +381,34 @@ impl Launcher {
             .iter()
             .map(|a| self.cstr(a))
             .collect::<Result<Vec<_>, _>>()?;
-        let plan = sys::ExecPlan::new(self.cstr(program.as_os_str())?, argv, env)
+        let plan = sys::ExecPlan::new(candidates, argv, env)
             .with_listen_pid()
             .with_credentials(self.run_as.as_ref().map(|r| r.credentials.clone()));
-        let pid = sys::spawn(&plan, &fds, self.dev_null.as_fd(), None).map_err(|f| {
-            let _ = std::fs::remove_file(&notify_path);
-            Error::Spawn {
-                command: program.display().to_string(),
+        let (pid, report) =
+            sys::spawn(&plan, &fds, self.dev_null.as_fd(), None).map_err(|f| Error::Spawn {
+                command: self.command.program.to_string_lossy().into_owned(),
                 step: f.step,
                 source: f.error,
-            }
-        })?;
+            })?;
         drop(theirs);
         Ok(Spawned {
             pid,
             channel: ours,
             notify,
-            notify_path,
+            notify_file,
+            notify_uid,
+            report,
         })
     }
 
     /// Starts `sh -c SCRIPT` (the `--build` command) with stdout and stderr
     /// on `output`, as the workers' user, with no listener and no
     /// `LISTEN_*`.
-    pub fn build(&self, script: &str, output: BorrowedFd<'_>) -> Result<Pid, Error> {
+    pub fn build(
+        &self,
+        script: &str,
+        output: BorrowedFd<'_>,
+    ) -> Result<(Pid, sys::ExecReport), Error> {
         let err = |reason: &str| Error::Command {
             command: script.to_owned(),
             reason: reason.to_owned(),
@@ -306,18 +419,13 @@ impl Launcher {
             CString::new("-c").map_err(|_| err("bad argument"))?,
             CString::new(script).map_err(|_| err("the command contains a NUL byte"))?,
         ];
-        let plan = sys::ExecPlan::new(sh, argv, self.base_env())
+        let plan = sys::ExecPlan::new(vec![sh], argv, self.base_env())
             .with_credentials(self.run_as.as_ref().map(|r| r.credentials.clone()));
         sys::spawn(&plan, &[], self.dev_null.as_fd(), Some(output)).map_err(|f| Error::Spawn {
             command: format!("/bin/sh -c {script:?}"),
             step: f.step,
             source: f.error,
         })
-    }
-
-    /// Removes a gone worker's notify socket.
-    pub fn forget(&self, notify_path: &Path) {
-        let _ = std::fs::remove_file(notify_path);
     }
 
     /// baton's environment without the variables it sets itself, plus the

@@ -89,7 +89,7 @@ pub enum Event {
     /// SIGHUP: reload.
     Reload,
     /// SIGTERM or SIGINT: drain everything and exit (a second one: kill now).
-    Stop,
+    Signal(Signal),
     /// SIGCHLD: one or more children changed state.
     Child,
     /// A datagram on a worker's notify socket.
@@ -187,8 +187,6 @@ enum Purpose {
     First,
     /// A reload of a serving generation.
     Reload,
-    /// A restart after the serving generation died.
-    Restart,
 }
 
 /// One started worker process.
@@ -214,7 +212,12 @@ struct Generation {
     ready_pending: bool,
     /// The last `STATUS=` it reported.
     status: Option<String>,
-    notify_path: PathBuf,
+    /// It was sent kept values (a snapshot or a checkpoint).
+    took_state: bool,
+    /// Its notify socket's file, removed with the generation.
+    _notify_file: crate::spawn::SocketFile,
+    /// Why it could not exec, once it has exited.
+    report: crate::sys::ExecReport,
     /// Reader tasks, aborted when the generation is gone.
     tasks: Vec<tokio::task::AbortHandle>,
     /// Pending deadlines (ready, freeze, drain): the start-up ones are
@@ -241,6 +244,8 @@ struct InFlight {
 #[derive(Debug)]
 struct Build {
     pid: Pid,
+    /// Why `sh` could not exec, once it has exited.
+    report: crate::sys::ExecReport,
     /// The task reading its output; dropped if the output outlives it.
     reader: tokio::task::AbortHandle,
     started: Instant,
@@ -290,6 +295,12 @@ struct Supervisor {
     reloads_failed: u64,
     restart_delay: Duration,
     restart_seq: u64,
+    /// A restart's back-off timer runs (the one numbered `restart_seq`).
+    restart_armed: bool,
+    /// The generation started to replace a crashed serving one, while it
+    /// starts. It starts beside any reload in progress: a reload may build
+    /// for minutes, and nothing accepts meanwhile.
+    restarting: Option<(u64, Instant)>,
     stopping: bool,
     /// Answered once everything has exited.
     stop_waiters: Vec<oneshot::Sender<Value>>,
@@ -314,6 +325,15 @@ const HEALTHY_FOR: Duration = Duration::from_secs(10);
 /// Runs `baton run` to the end: binds, starts generation 1, serves events
 /// until stopped. Returns an error if the first generation never serves.
 pub async fn run(config: Config) -> Result<(), Error> {
+    for (i, spec) in config.listeners.iter().enumerate() {
+        if config.listeners[..i].iter().any(|s| s.name == spec.name) {
+            return Err(Error::Usage(format!(
+                "--listen {}={}: the name `{}` is given twice; workers find listeners by \
+                 name, so each needs its own",
+                spec.name, spec.addr, spec.name
+            )));
+        }
+    }
     let mut activated = Activated::from_env();
     let listeners = config
         .listeners
@@ -353,8 +373,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Signals are registered before any child exists, so no exit is missed.
     let signals: [(SignalKind, fn() -> Event); 4] = [
         (SignalKind::hangup(), || Event::Reload),
-        (SignalKind::terminate(), || Event::Stop),
-        (SignalKind::interrupt(), || Event::Stop),
+        (SignalKind::terminate(), || Event::Signal(Signal::SIGTERM)),
+        (SignalKind::interrupt(), || Event::Signal(Signal::SIGINT)),
         (SignalKind::child(), || Event::Child),
     ];
     for (kind, event) in signals {
@@ -405,6 +425,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         reloads_failed: 0,
         restart_delay: RESTART_MIN,
         restart_seq: 0,
+        restart_armed: false,
+        restarting: None,
         stopping: false,
         stop_waiters: Vec::new(),
         fatal: None,
@@ -444,7 +466,14 @@ impl Supervisor {
                 tracing::info!("SIGHUP: reloading");
                 self.request_reload(None);
             }
-            Event::Stop => self.begin_stop(),
+            Event::Signal(signal) if self.stopping => {
+                tracing::warn!("{signal} while stopping: killing every generation now");
+                self.kill_all();
+            }
+            Event::Signal(signal) => {
+                tracing::info!("{signal}: stopping");
+                self.begin_stop();
+            }
             Event::Child => self.reap(),
             Event::Notify {
                 generation,
@@ -494,16 +523,16 @@ impl Supervisor {
                     self.finish_build();
                 }
             }
-            Event::RestartDue { seq } => {
-                let nothing_serves = !self.generations.values().any(|g| g.phase == Phase::Serving);
-                if seq == self.restart_seq
-                    && !self.stopping
-                    && self.in_flight.is_none()
-                    && nothing_serves
+            Event::RestartDue { seq } if seq == self.restart_seq => {
+                self.restart_armed = false;
+                if !self.stopping
+                    && self.restarting.is_none()
+                    && self.serving_generation().is_none()
                 {
-                    self.begin_reload(Purpose::Restart, Vec::new());
+                    self.start_restart();
                 }
             }
+            Event::RestartDue { .. } => {}
         }
     }
 
@@ -525,10 +554,16 @@ impl Supervisor {
                     let _ = reply.send(json!({ "ok": true, "queued": true }));
                 }
             }
-            Request::Stop => {
-                tracing::info!("stop requested on the control socket");
+            Request::Stop { now } => {
+                tracing::info!(
+                    "stop{} requested on the control socket",
+                    if now { " --now" } else { "" }
+                );
                 self.stop_waiters.push(reply);
                 self.begin_stop();
+                if now {
+                    self.kill_all();
+                }
             }
         }
     }
@@ -567,8 +602,7 @@ impl Supervisor {
         }
         let waiters = self.queued.take().unwrap_or_default();
         // A triggered reload is a reload (it builds, systemd hears of it)
-        // even while a crashed worker waits for its restart; only the
-        // back-off timer restarts without building.
+        // even while a crashed worker waits for its restart or restarts.
         let purpose = if self.ever_served {
             Purpose::Reload
         } else {
@@ -579,9 +613,8 @@ impl Supervisor {
 
     // ---- starting -------------------------------------------------------
 
-    /// Starts a reload (or the first start, or a restart): the build first
-    /// if there is one (not for restarts: they rerun what served), then the
-    /// new generation.
+    /// Starts a reload (or the first start): the build first if there is
+    /// one, then the new generation.
     fn begin_reload(&mut self, purpose: Purpose, waiters: Vec<oneshot::Sender<Value>>) {
         let number = self.next_generation;
         self.next_generation += 1;
@@ -597,8 +630,8 @@ impl Supervisor {
             build: None,
         });
         match self.config.build.clone() {
-            Some(script) if purpose != Purpose::Restart => self.start_build(number, &script),
-            _ => self.spawn_generation(number),
+            Some(script) => self.start_build(number, &script),
+            None => self.spawn_generation(number),
         }
     }
 
@@ -616,13 +649,14 @@ impl Supervisor {
             Ok((pid, read))
         });
         match started {
-            Ok((pid, read)) => {
+            Ok(((pid, report), read)) => {
                 tracing::info!("building: {script} (pid {pid})");
                 let reader = tokio::spawn(read_build_output(number, read, self.events.clone()))
                     .abort_handle();
                 if let Some(f) = self.in_flight.as_mut() {
                     f.build = Some(Build {
                         pid,
+                        report,
                         reader,
                         started: Instant::now(),
                         exit: None,
@@ -678,22 +712,40 @@ impl Supervisor {
         if self.in_flight.as_ref().map(|f| f.generation) != Some(number) {
             return;
         }
-        let started = Instant::now();
-        let spawned = self.launcher.worker(number, &self.listeners);
-        let spawned = match spawned {
-            Ok(s) => s,
-            Err(e) => {
-                self.finish_in_flight(number, Err(format!("{e:#}")));
-                return;
+        if let Err(reason) = self.spawn(number) {
+            self.finish_in_flight(number, Err(reason));
+        }
+    }
+
+    /// Starts a generation to replace the serving one that crashed, without
+    /// building: it reruns what served.
+    fn start_restart(&mut self) {
+        let number = self.next_generation;
+        self.next_generation += 1;
+        match self.spawn(number) {
+            Ok(()) => self.restarting = Some((number, Instant::now())),
+            Err(reason) => {
+                tracing::error!("restarting the worker as generation {number}: {reason}");
+                self.schedule_restart();
             }
-        };
+        }
+    }
+
+    /// Starts generation `number`'s worker and puts it in the table,
+    /// starting, with its deadlines armed.
+    fn spawn(&mut self, number: u64) -> Result<(), String> {
+        let started = Instant::now();
+        let spawned = self
+            .launcher
+            .worker(number, &self.listeners)
+            .map_err(|e| format!("{e:#}"))?;
         let channel = match crate::sys::async_fd(spawned.channel) {
             Ok(fd) => Arc::new(fd),
             Err(e) => {
-                // Without a channel we cannot watch it; stop it again.
+                // Without a channel we cannot watch it; stop it again (the
+                // reaper collects it: it is nobody's generation).
                 let _ = killpg(spawned.pid, Signal::SIGKILL);
-                self.finish_in_flight(number, Err(format!("watching its channel: {e}")));
-                return;
+                return Err(format!("watching its channel: {e}"));
             }
         };
         tracing::info!(
@@ -705,6 +757,7 @@ impl Supervisor {
             tokio::spawn(notify::read_worker_notify(
                 number,
                 spawned.notify,
+                spawned.notify_uid,
                 self.events.clone(),
             ))
             .abort_handle(),
@@ -724,7 +777,9 @@ impl Supervisor {
                 frozen: false,
                 ready_pending: false,
                 status: None,
-                notify_path: spawned.notify_path,
+                took_state: false,
+                _notify_file: spawned.notify_file,
+                report: spawned.report,
                 tasks,
                 timers: Vec::new(),
             },
@@ -733,11 +788,14 @@ impl Supervisor {
         if let Readiness::After(d) = self.config.readiness {
             self.arm(number, d, Timer::ReadyAfter);
         }
+        Ok(())
     }
 
     /// The starting generation is ready: it serves, and only now are the
     /// generations it replaces told to drain.
     fn on_ready(&mut self, number: u64, how: &str) {
+        let restart = self.restarting.is_some_and(|(r, _)| r == number);
+        let serving = self.serving_generation();
         let Some(g) = self.generations.get_mut(&number) else {
             return;
         };
@@ -747,6 +805,12 @@ impl Supervisor {
         if self.handoff.is_some_and(|h| h.to == number && !h.answered) {
             // Draining the frozen generation now would lose its values.
             g.ready_pending = true;
+            return;
+        }
+        if restart && serving.is_some() {
+            // A reload served first: this restart is not needed.
+            self.restarting = None;
+            self.begin_drain(number, "a reload replaced the crashed worker first");
             return;
         }
         g.phase = Phase::Serving;
@@ -764,6 +828,14 @@ impl Supervisor {
         for n in old {
             self.begin_drain(n, "replaced");
         }
+        if restart {
+            self.on_restarted(number);
+            return;
+        }
+        if let Some((r, _)) = self.restarting.take() {
+            // A crash restart still starting beside this reload.
+            self.begin_drain(r, &format!("generation {number} serves first"));
+        }
         let mut pause = None;
         if let Some(h) = self.handoff.take_if(|h| h.to == number) {
             // The frozen generation was just told to drain: done.
@@ -773,6 +845,76 @@ impl Supervisor {
         if let (Some(pause), Some(r)) = (pause, self.last_reload.as_mut()) {
             r.pause_ms = Some(pause.as_secs_f64() * 1000.0);
         }
+    }
+
+    /// The crash restart `number` serves. A reload in progress whose
+    /// generation already took kept values took values older than the ones
+    /// this generation serves from now on: it starts over.
+    fn on_restarted(&mut self, number: u64) {
+        let Some((_, started)) = self.restarting.take() else {
+            return;
+        };
+        self.record(number, None, started, Ok(()));
+        self.systemd
+            .send(&format!("READY=1\nSTATUS=serving generation {number}"));
+        let stale = self.in_flight.as_ref().and_then(|f| {
+            self.generations
+                .get(&f.generation)
+                .filter(|g| g.took_state)
+                .map(|g| g.number)
+        });
+        if let Some(reload) = stale {
+            let waiters = self
+                .in_flight
+                .as_mut()
+                .map(|f| std::mem::take(&mut f.waiters))
+                .unwrap_or_default();
+            self.queued.get_or_insert_with(Vec::new).extend(waiters);
+            self.fail_starting(
+                reload,
+                format!(
+                    "generation {number} restarted after a crash while it started, and serves \
+                     newer kept values than the ones it took; reloading again"
+                ),
+            );
+        }
+        self.start_queued();
+    }
+
+    /// Records how a reload (or restart) ended, for `status`.
+    fn record(
+        &mut self,
+        number: u64,
+        purpose: Option<Purpose>,
+        started: Instant,
+        result: Result<(), &String>,
+    ) {
+        let ms = started.elapsed().as_millis() as u64;
+        if purpose != Some(Purpose::First) || result.is_err() {
+            self.last_reload = Some(ReloadResult {
+                generation: number,
+                ok: result.is_ok(),
+                error: result.err().cloned(),
+                ms,
+                pause_ms: None,
+            });
+        }
+    }
+
+    /// The crash restart `number` failed to start: try again after the
+    /// back-off.
+    fn restart_failed(&mut self, number: u64, reason: String) {
+        let Some((_, started)) = self.restarting.take_if(|(r, _)| *r == number) else {
+            return;
+        };
+        tracing::error!("generation {number} failed: {reason}");
+        self.record(number, None, started, Err(&reason));
+        self.thaw_for(number);
+        self.systemd.send(&format!(
+            "READY=1\nSTATUS=generation {number} failed to start"
+        ));
+        self.schedule_restart();
+        self.start_queued();
     }
 
     /// Ends the in-flight start of generation `number`: records the result,
@@ -799,15 +941,12 @@ impl Supervisor {
                 json!({ "ok": false, "generation": number, "ms": ms, "error": reason })
             }
         };
-        if in_flight.purpose != Purpose::First || result.is_err() {
-            self.last_reload = Some(ReloadResult {
-                generation: number,
-                ok: result.is_ok(),
-                error: result.as_ref().err().cloned(),
-                ms,
-                pause_ms: None,
-            });
-        }
+        self.record(
+            number,
+            Some(in_flight.purpose),
+            in_flight.started,
+            result.as_ref().map(|_| ()),
+        );
         for waiter in in_flight.waiters {
             let _ = waiter.send(answer.clone());
         }
@@ -833,7 +972,7 @@ impl Supervisor {
                 self.begin_stop();
                 return;
             }
-            (Err(_), Purpose::Restart | Purpose::Reload) => self.schedule_restart(),
+            (Err(_), Purpose::Reload) => self.schedule_restart(),
         }
         self.start_queued();
     }
@@ -842,17 +981,29 @@ impl Supervisor {
     /// connections already, so drain first), and report why.
     fn fail_starting(&mut self, number: u64, reason: String) {
         self.begin_drain(number, "failed to start");
-        self.finish_in_flight(number, Err(reason));
+        self.start_failed(number, reason);
     }
 
-    /// With no generation serving or starting, start one after the back-off.
+    /// A starting generation failed (it is draining or gone).
+    fn start_failed(&mut self, number: u64, reason: String) {
+        if self.restarting.is_some_and(|(r, _)| r == number) {
+            self.restart_failed(number, reason);
+        } else {
+            self.finish_in_flight(number, Err(reason));
+        }
+    }
+
+    /// With no generation serving, start one after the back-off, beside any
+    /// reload in progress.
     fn schedule_restart(&mut self) {
         if self.stopping
-            || self.in_flight.is_some()
-            || self.generations.values().any(|g| g.phase == Phase::Serving)
+            || self.restart_armed
+            || self.restarting.is_some()
+            || self.serving_generation().is_some()
         {
             return;
         }
+        self.restart_armed = true;
         self.restart_seq += 1;
         // Each restart in a row waits twice as long as the one before.
         let delay = self.restart_delay;
@@ -906,16 +1057,21 @@ impl Supervisor {
         self.arm(number, timeout, Timer::DrainTimeout);
     }
 
+    /// Kills every generation now (`stop --now`, a second SIGTERM/SIGINT).
+    fn kill_all(&mut self) {
+        for g in self.generations.values() {
+            let _ = killpg(g.pid, Signal::SIGKILL);
+            let _ = kill(g.pid, Signal::SIGKILL);
+        }
+    }
+
+    /// Drains every generation and exits once all are gone; idempotent.
     fn begin_stop(&mut self) {
         if self.stopping {
-            tracing::warn!("stopping again: killing every generation now");
-            for g in self.generations.values() {
-                let _ = killpg(g.pid, Signal::SIGKILL);
-                let _ = kill(g.pid, Signal::SIGKILL);
-            }
             return;
         }
         self.stopping = true;
+        self.restarting = None;
         tracing::info!("stopping: draining every generation");
         self.systemd.send("STOPPING=1");
         if let Some(number) = self.in_flight.as_ref().map(|f| f.generation) {
@@ -959,10 +1115,10 @@ impl Supervisor {
             .and_then(|f| f.build.as_mut())
             .filter(|b| b.pid == pid)
         {
-            build.exit = Some(if how == "exited with status 0" {
-                Ok(())
-            } else {
-                Err(how)
+            build.exit = Some(match build.report.failure() {
+                Some(f) => Err(format!("could not start: {}: {}", f.step, f.error)),
+                None if how == "exited with status 0" => Ok(()),
+                None => Err(how),
             });
             // Whatever the build left running would hold its output open.
             let _ = killpg(pid, Signal::SIGKILL);
@@ -992,7 +1148,6 @@ impl Supervisor {
         for task in g.tasks.iter().chain(&g.timers) {
             task.abort();
         }
-        self.launcher.forget(&g.notify_path);
         if let Some(h) = self.handoff.filter(|h| h.from == number && !h.answered) {
             // The frozen generation died before handing over: its successor
             // gets what was kept before (its last checkpoint, if any).
@@ -1008,7 +1163,16 @@ impl Supervisor {
         let _ = killpg(g.pid, Signal::SIGKILL);
         match g.phase {
             Phase::Starting => {
-                self.finish_in_flight(number, Err(format!("{how} before it was ready")));
+                let reason = match g.report.failure() {
+                    Some(f) => format!(
+                        "starting `{}`: {}: {}",
+                        self.config.command.program.to_string_lossy(),
+                        f.step,
+                        f.error
+                    ),
+                    None => format!("{how} before it was ready"),
+                };
+                self.start_failed(number, reason);
             }
             Phase::Serving => {
                 tracing::error!("generation {number} (pid {pid}) {how} while serving");
@@ -1179,8 +1343,15 @@ impl Supervisor {
                 self.arm(number, self.config.freeze_timeout, Timer::FreezeTimeout);
             }
             Err(e) => {
-                tracing::warn!("asking generation {from} to freeze: {e}; using the checkpoint");
-                self.send_state(number, StateSource::Checkpoint);
+                // Its values are newer than any checkpoint: handing over an
+                // older state would lose writes it acknowledged.
+                self.fail_starting(
+                    number,
+                    format!(
+                        "generation {from} serves and keeps values, but asking it to hand them \
+                         over failed: {e}"
+                    ),
+                );
             }
         }
     }
@@ -1267,8 +1438,13 @@ impl Supervisor {
                 Vec::new(),
             ),
         };
-        if let Err(e) = protocol::send(g.channel.get_ref().as_fd(), &message, &fds) {
-            self.protocol_error(number, format!("sending its kept values: {e}"));
+        match protocol::send(g.channel.get_ref().as_fd(), &message, &fds) {
+            Ok(()) => {
+                if let Some(g) = self.generations.get_mut(&number) {
+                    g.took_state = true;
+                }
+            }
+            Err(e) => self.protocol_error(number, format!("sending its kept values: {e}")),
         }
     }
 
@@ -1296,20 +1472,17 @@ impl Supervisor {
         }
     }
 
-    /// Malformed data fails a starting generation; a serving one keeps
-    /// serving (its channel is no longer read) and drains by signal.
+    /// Malformed data fails a starting generation. A serving one keeps
+    /// serving and keeps its channel: the bad message is dropped (packets
+    /// keep their boundaries), and its kept values are still asked for.
     fn protocol_error(&mut self, number: u64, reason: String) {
-        let Some(g) = self.generations.get_mut(&number) else {
+        let Some(g) = self.generations.get(&number) else {
             return;
         };
-        g.speaks_protocol = false;
         if g.phase == Phase::Starting {
             self.fail_starting(number, reason);
         } else {
-            tracing::error!(
-                "generation {number} (pid {}): {reason}; its channel is ignored from now on",
-                g.pid
-            );
+            tracing::error!("generation {number} (pid {}): {reason}; ignored", g.pid);
         }
     }
 
@@ -1436,6 +1609,10 @@ impl Supervisor {
                 "step": if f.build.is_some() { "building" } else { "starting" },
                 "ms": f.started.elapsed().as_millis() as u64,
             })),
+            "restarting": self.restarting.map(|(number, started)| json!({
+                "generation": number,
+                "ms": started.elapsed().as_millis() as u64,
+            })),
             "stopping": self.stopping,
             "listeners": listeners,
             "kept": self.kept.as_ref().map(|k| json!({
@@ -1446,7 +1623,10 @@ impl Supervisor {
     }
 }
 
-/// Reads generation `number`'s channel until an error or hang-up.
+/// Reads generation `number`'s channel until the worker hangs up. Any other
+/// error is reported and reading goes on: a malformed or cut packet is gone
+/// (packets keep their boundaries), and a failure of baton's own (out of
+/// descriptors, out of memory) passes; neither may cost the channel.
 async fn read_channel(number: u64, channel: Arc<AsyncFd<OwnedFd>>, events: mpsc::Sender<Event>) {
     loop {
         let mut guard = match channel.readable().await {
@@ -1462,30 +1642,30 @@ async fn read_channel(number: u64, channel: Arc<AsyncFd<OwnedFd>>, events: mpsc:
                 return;
             }
         };
-        let message = match protocol::recv::<WorkerMessage>(channel.get_ref().as_fd()) {
+        let (message, fds) = match protocol::recv::<WorkerMessage>(channel.get_ref().as_fd()) {
             Err(e) if e.is_would_block() => {
                 guard.clear_ready();
                 continue;
             }
-            Ok((message, fds)) => Ok((message, fds)),
-            Err(e) => Err(e),
-        };
-        let last = message.is_err();
-        let (message, fds) = match message {
-            Ok((m, fds)) => (Ok(m), fds),
+            Ok((message, fds)) => (Ok(message), fds),
             Err(e) => (Err(e), Vec::new()),
         };
-        if events
+        let closed = matches!(message, Err(ProtocolError::Closed));
+        // An error of the socket call itself consumed no packet: retrying at
+        // once would spin.
+        let backoff = matches!(message, Err(ProtocolError::Io(_)));
+        let sent = events
             .send(Event::Channel {
                 generation: number,
                 message,
                 fds,
             })
-            .await
-            .is_err()
-            || last
-        {
+            .await;
+        if sent.is_err() || closed {
             return;
+        }
+        if backoff {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

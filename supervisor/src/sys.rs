@@ -2,13 +2,17 @@
 //!
 //! [`spawn`] forks and execs a worker with its descriptors in place: the given
 //! ones at 3, 4, 5 … with close-on-exec cleared, `/dev/null` on stdin, every
-//! other descriptor closed, `LISTEN_PID` set to the worker's own pid, its own
-//! process group, and `PR_SET_PDEATHSIG` so it dies with the supervisor.
+//! other descriptor closed, every signal at its default disposition and none
+//! blocked, `LISTEN_PID` set to the worker's own pid, its own process group,
+//! and `PR_SET_PDEATHSIG` so it dies with the supervisor.
 //!
 //! Between `fork` and `execve` the child runs only async-signal-safe calls on
-//! memory prepared before the fork: no allocation, no locks, no logging. An
-//! exec failure travels back to the parent over a close-on-exec pipe, the way
-//! `std::process::Command` reports it.
+//! memory prepared before the fork: no allocation, no locks, no logging. The
+//! child searches `PATH` itself (as `execvp` does), so the supervisor touches
+//! no file system to start a worker. An exec failure travels back over a
+//! close-on-exec pipe, the way `std::process::Command` reports it, but the
+//! supervisor never waits for that report: [`ExecReport`] is read once the
+//! child has exited, by which time it is complete.
 //!
 //! This module never decides *what* to start or *when*; `spawn.rs` does.
 
@@ -20,10 +24,14 @@ use nix::unistd::Pid;
 
 /// Room for the decimal digits of any pid.
 const PID_DIGITS: usize = 20;
+/// One more than the highest signal number Linux has (`_NSIG - 1` is 64).
+const SIGNALS: libc::c_int = 65;
 
 /// Everything `execve` needs, prepared before the fork.
 pub struct ExecPlan {
-    path: CString,
+    /// The paths to try in order (one, or each `PATH` entry joined with the
+    /// program's name).
+    candidates: Vec<CString>,
     argv: Vec<CString>,
     /// `KEY=VALUE\0` entries; the one at `listen_pid` has room for the pid.
     env: Vec<Vec<u8>>,
@@ -43,10 +51,11 @@ pub struct Credentials {
 }
 
 impl ExecPlan {
-    /// A plan to exec `path` with `argv` and `env` (`KEY=VALUE` strings).
-    pub fn new(path: CString, argv: Vec<CString>, env: Vec<CString>) -> ExecPlan {
+    /// A plan to exec the first of `candidates` that exists, with `argv` and
+    /// `env` (`KEY=VALUE` strings).
+    pub fn new(candidates: Vec<CString>, argv: Vec<CString>, env: Vec<CString>) -> ExecPlan {
         ExecPlan {
-            path,
+            candidates,
             argv,
             env: env.into_iter().map(CString::into_bytes_with_nul).collect(),
             listen_pid: None,
@@ -88,16 +97,43 @@ const STEPS: [&str; 6] = [
     "switching user",
 ];
 
+/// The read end of a child's exec report: empty once the child has exec'd,
+/// eight bytes (step, errno) if it failed before. Read it after the child
+/// exited, never before (the supervisor never waits for a child).
+#[derive(Debug)]
+pub struct ExecReport(OwnedFd);
+
+impl ExecReport {
+    /// Why the child could not exec, if it could not. Call once the child
+    /// has exited: its report is complete then, so this never blocks.
+    pub fn failure(&self) -> Option<SpawnFailure> {
+        let mut report = [0u8; 8];
+        match nix::unistd::read(&self.0, &mut report) {
+            Ok(8) => {
+                let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
+                let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+                Some(SpawnFailure {
+                    step: STEPS[(step as usize).min(STEPS.len() - 1)],
+                    error: io::Error::from_raw_os_error(errno),
+                })
+            }
+            // Exec'd (the pipe closed empty), or still running.
+            _ => None,
+        }
+    }
+}
+
 /// Forks and execs `plan` with `fds` at 3, 4, 5 …, `stdin` at 0, and
 /// `output` (if given, else baton's own) at 1 and 2.
 ///
-/// Returns once the child has called `execve` successfully (or has failed to).
+/// Returns at once with the child's pid and its [`ExecReport`]; only a
+/// failed fork is reported here.
 pub fn spawn(
     plan: &ExecPlan,
     fds: &[BorrowedFd<'_>],
     stdin: BorrowedFd<'_>,
     output: Option<BorrowedFd<'_>>,
-) -> Result<Pid, SpawnFailure> {
+) -> Result<(Pid, ExecReport), SpawnFailure> {
     let fail = |step: usize, error: io::Error| SpawnFailure {
         step: STEPS[step],
         error,
@@ -112,12 +148,14 @@ pub fn spawn(
     };
     let mut argv_ptrs: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
+    let candidates: Vec<*const libc::c_char> = plan.candidates.iter().map(|c| c.as_ptr()).collect();
     let sources: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let mut moved: Vec<RawFd> = vec![-1; sources.len()];
     let (err_read, err_write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail(0, e.into()))?;
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| fail(0, e.into()))?;
     let child = ChildContext {
-        path: plan.path.as_ptr(),
+        candidates: &candidates,
         argv: argv_ptrs.as_ptr(),
         env: env_ptrs.as_ptr(),
         listen_pid_slot: slot_ptr,
@@ -143,46 +181,12 @@ pub fn spawn(
         unsafe { child.exec() }
     }
     drop(err_write);
-    let pid = Pid::from_raw(pid);
-    let mut report = [0u8; 8];
-    let got = read_full(err_read, &mut report);
-    match got {
-        Ok(0) => Ok(pid),
-        Ok(8) => {
-            // The child failed before exec and is exiting: reap it here, so the
-            // supervisor's reaper never sees a process it did not know about.
-            let _ = nix::sys::wait::waitpid(pid, None);
-            let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]) as usize;
-            let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
-            Err(fail(
-                step.min(STEPS.len() - 1),
-                io::Error::from_raw_os_error(errno),
-            ))
-        }
-        Ok(_) | Err(_) => {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
-            Err(fail(0, io::Error::other("lost the child's exec report")))
-        }
-    }
-}
-
-fn read_full(fd: OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match nix::unistd::read(&fd, &mut buf[done..]) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(done)
+    Ok((Pid::from_raw(pid), ExecReport(err_read)))
 }
 
 /// Raw pointers into memory prepared by the parent before the fork.
 struct ChildContext<'a> {
-    path: *const libc::c_char,
+    candidates: &'a [*const libc::c_char],
     argv: *const *const libc::c_char,
     env: *const *const libc::c_char,
     listen_pid_slot: *mut u8,
@@ -216,8 +220,14 @@ impl ChildContext<'_> {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            // The Rust runtime ignores SIGPIPE; an ignored signal survives exec.
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            // An ignored signal stays ignored across exec: the Rust runtime
+            // ignores SIGPIPE, and whoever started baton may have ignored
+            // more (nohup's SIGHUP, a shell's SIGQUIT). Handlers reset at
+            // exec by themselves; setting every signal to its default covers
+            // both. SIGKILL, SIGSTOP and the C library's own refuse, harmlessly.
+            for sig in 1..SIGNALS {
+                libc::signal(sig, libc::SIG_DFL);
+            }
 
             // Move every source above the target range first, so no source is
             // clobbered by an earlier dup2 and no dup2(fd, fd) leaves
@@ -293,7 +303,21 @@ impl ChildContext<'_> {
                 }
             }
 
-            libc::execve(self.path, self.argv, self.env);
+            // As execvp does: try each candidate; a missing one (or one in a
+            // missing directory) sends us on, a denied one is remembered in
+            // case nothing else is found, anything else is the answer.
+            let mut denied = false;
+            for &path in self.candidates {
+                libc::execve(path, self.argv, self.env);
+                match *libc::__errno_location() {
+                    libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG => {}
+                    libc::EACCES => denied = true,
+                    _ => self.fail_on(report, 3),
+                }
+            }
+            if denied {
+                *libc::__errno_location() = libc::EACCES;
+            }
             self.fail_on(report, 3)
         }
     }
