@@ -370,6 +370,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
 
     let (tx, rx) = mpsc::channel(256);
+    // Whoever started baton may have blocked signals (an ignored one is
+    // replaced by the handlers below); baton must hear them all.
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    )
+    .map_err(|e| io("unblocking signals", e.into()))?;
     // Signals are registered before any child exists, so no exit is missed.
     let signals: [(SignalKind, fn() -> Event); 4] = [
         (SignalKind::hangup(), || Event::Reload),

@@ -224,9 +224,19 @@ impl ChildContext<'_> {
             // ignores SIGPIPE, and whoever started baton may have ignored
             // more (nohup's SIGHUP, a shell's SIGQUIT). Handlers reset at
             // exec by themselves; setting every signal to its default covers
-            // both. SIGKILL, SIGSTOP and the C library's own refuse, harmlessly.
+            // both. The raw system call, because glibc refuses to touch its
+            // own two (32, 33), which a shell upstream may have ignored; an
+            // all-zero kernel sigaction is SIG_DFL, no flags, empty mask on
+            // every architecture. SIGKILL and SIGSTOP refuse, harmlessly.
+            let default = [0u64; 4];
             for sig in 1..SIGNALS {
-                libc::signal(sig, libc::SIG_DFL);
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    default.as_ptr(),
+                    std::ptr::null::<u64>(),
+                    8usize,
+                );
             }
 
             // Move every source above the target range first, so no source is

@@ -18,6 +18,28 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Whether a test's prerequisite is present. When it is not: under CI
+/// (`CI=true`) the test fails, naming what is missing, because a test that
+/// skips proves nothing; elsewhere it prints a loud SKIPPED line and the
+/// caller returns.
+pub fn prerequisite(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    let under_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !under_ci,
+        "missing prerequisite under CI=true: {what} (.ci/run installs what the tests need)"
+    );
+    eprintln!("\n*** SKIPPED: {what} is missing; this test proved nothing ***\n");
+    false
+}
+
+/// Whether the tests run as root; under CI they must (see [`prerequisite`]).
+pub fn root(why: &str) -> bool {
+    prerequisite(&format!("root ({why})"), nix::unistd::geteuid().is_root())
+}
+
 /// The Python worker used as "a plain worker in another language".
 pub fn pyworker() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("workers/pyworker.py")
@@ -310,6 +332,19 @@ impl Baton {
             .arg(&self.control)
             .output()
             .expect("running the baton client")
+    }
+
+    /// Starts the `baton` client binary against this baton without waiting
+    /// for it (for commands that wait, like `stop`).
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        Command::new(bin("baton"))
+            .args(args)
+            .arg("--control")
+            .arg(&self.control)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the baton client")
     }
 
     /// The bound address of listener `name` (port 0 resolved).

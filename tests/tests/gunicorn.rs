@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use baton_tests::harness::{Baton, Load};
+use baton_tests::harness::{self, Baton, Load};
 
 /// gunicorn from `.ci/run`'s virtualenv, else from `PATH`.
 fn gunicorn() -> Option<PathBuf> {
@@ -42,12 +42,14 @@ def app(environ, start_response):
 
 #[test]
 fn gunicorn_reloads_under_load_with_nothing_lost() {
-    let Some(gunicorn) = gunicorn() else {
-        eprintln!(
-            "skipped: gunicorn is not installed (.ci/run installs it; or pip install gunicorn)"
-        );
+    let found = gunicorn();
+    if !harness::prerequisite(
+        "gunicorn (.ci/run installs it; or pip install gunicorn)",
+        found.is_some(),
+    ) {
         return;
-    };
+    }
+    let Some(gunicorn) = found else { return };
     let builder = Baton::builder();
     std::fs::write(builder.dir().join("app.py"), APP).expect("writing the WSGI app");
     let chdir = builder.dir().to_path_buf();

@@ -7,10 +7,6 @@ use std::time::Duration;
 
 use baton_tests::harness::{bin, pyworker, wait_for, Baton};
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn generation(baton: &Baton) -> Option<u64> {
     baton.status()["generation"].as_u64()
 }
@@ -111,8 +107,7 @@ fn watched_changes_reload_once_per_burst_and_a_failing_build_keeps_the_old_gener
 
 #[test]
 fn workers_run_as_the_given_user_and_still_reach_their_notify_socket() {
-    if !is_root() {
-        eprintln!("skipped: --user needs root");
+    if !baton_tests::harness::root("--user needs it") {
         return;
     }
     let baton = Baton::builder()
@@ -172,8 +167,7 @@ fn an_unknown_user_is_refused_at_start() {
 
 #[test]
 fn the_control_socket_refuses_other_users_even_at_mode_0666() {
-    if !is_root() {
-        eprintln!("skipped: acting as another user needs root");
+    if !baton_tests::harness::root("acting as another user needs it") {
         return;
     }
     let baton = Baton::builder()
