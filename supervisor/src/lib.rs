@@ -16,7 +16,8 @@
 //! * [`control`]: the control socket behind `baton reload|status|stop`.
 //! * [`watch`]: `--watch`, file changes debounced into reload triggers.
 //! * [`cli`]: the command line and the client commands.
-//! * [`logging`]: stderr logs for a terminal or for journald.
+//! * [`logging`]: stderr logs for a terminal or for journald, written by a
+//!   thread of their own so that the event loop never waits for stderr.
 //!
 //! The binary (`main.rs`) only parses arguments and maps errors to exit codes.
 

@@ -1692,8 +1692,7 @@ async fn read_build_output(number: u64, read: OwnedFd, events: mpsc::Sender<Even
             match pipe.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    use std::io::Write;
-                    let _ = std::io::stderr().write_all(&buf[..n]);
+                    crate::logging::echo(&buf[..n]);
                     tail.extend_from_slice(&buf[..n]);
                     if tail.len() > 2 * BUILD_TAIL {
                         tail.drain(..tail.len() - BUILD_TAIL);

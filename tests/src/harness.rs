@@ -130,6 +130,7 @@ pub struct BatonBuilder {
     env: Vec<(OsString, OsString)>,
     control: Option<PathBuf>,
     wrap: Vec<OsString>,
+    stderr: Option<Stdio>,
 }
 
 impl BatonBuilder {
@@ -200,6 +201,13 @@ impl BatonBuilder {
         self
     }
 
+    /// Gives baton this stderr instead of the log file (stdout still goes
+    /// there); [`Baton::log`] then shows only stdout.
+    pub fn stderr(mut self, stderr: impl Into<Stdio>) -> Self {
+        self.stderr = Some(stderr.into());
+        self
+    }
+
     /// The temporary directory this baton will use.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -212,6 +220,10 @@ impl BatonBuilder {
             .unwrap_or_else(|| self.dir.path().join("baton.sock"));
         let log = self.dir.path().join("baton.log");
         let log_file = std::fs::File::create(&log).expect("creating the log file");
+        let stderr = match self.stderr {
+            Some(stderr) => stderr,
+            None => log_file.try_clone().expect("dup of the log file").into(),
+        };
         let mut cmd = match self.wrap.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -233,8 +245,8 @@ impl BatonBuilder {
             .env("BATON_LOG", "debug")
             .envs(self.env)
             .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("dup of the log file"))
-            .stderr(log_file);
+            .stdout(log_file)
+            .stderr(stderr);
         let child = cmd.spawn().expect("starting baton");
         Baton {
             dir: self.dir,
@@ -266,6 +278,7 @@ impl Baton {
             env: Vec::new(),
             control: None,
             wrap: Vec::new(),
+            stderr: None,
         }
     }
 
