@@ -244,7 +244,7 @@ fn place_socket(
             )))
         }
         Ok(_) | Err(Errno::ENOENT) => {}
-        Err(e) => return Err(dir.io("looking at what is there", e)),
+        Err(e) => return Err(Problem::io(format!("examining {}", shown.display()), e)),
     }
 
     // Bound under a temporary name, then renamed into place: a stale socket
@@ -267,7 +267,7 @@ fn place_socket(
         .and_then(|()| dir.seal_socket(&tmp))
         .and_then(|()| {
             renameat(&dir.fd, tmp.as_str(), &dir.fd, name)
-                .map_err(|e| dir.io("moving it into place", e))
+                .map_err(|e| Problem::io(format!("renaming it into place in {}", dir.shown()), e))
         });
     if let Err(p) = placed {
         let _ = unlinkat(&dir.fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
@@ -288,6 +288,10 @@ enum Problem {
 }
 
 impl Problem {
+    fn io(what: String, e: Errno) -> Problem {
+        Problem::Io(what, e.into())
+    }
+
     fn into_error(self, path: &Path) -> Error {
         match self {
             Problem::Refused(reason) => Error::ControlRefused {
@@ -354,7 +358,8 @@ impl ControlDir {
             path: path.to_path_buf(),
             fd,
         };
-        let st = fstat(&dir.fd).map_err(|e| dir.io("examining it", e))?;
+        let st = fstat(&dir.fd)
+            .map_err(|e| Problem::io(format!("examining its directory {}", dir.shown()), e))?;
         if st.st_uid != me {
             return Err(Problem::Refused(format!(
                 "{} belongs to uid {}, not to baton (uid {me}); give --control a path in a \
@@ -365,7 +370,10 @@ impl ControlDir {
         }
         if created {
             // The umask may have taken bits from the owner; 0700 exactly.
-            fchmod(&dir.fd, Mode::S_IRWXU).map_err(|e| dir.io("setting its mode to 0700", e))?;
+            fchmod(&dir.fd, Mode::S_IRWXU).map_err(|e| {
+                let what = format!("setting the mode of its directory {} to 0700", dir.shown());
+                Problem::io(what, e)
+            })?;
         } else if let Some(who) = writable_by(st.st_mode) {
             let advice = if st.st_mode & libc::S_ISVTX != 0 {
                 // A shared directory like /tmp: a private one inside it.
@@ -396,7 +404,13 @@ impl ControlDir {
         let refuse = |problem: String| Problem::Refused(format!("{} {problem}", shown.display()));
         let io =
             |what: &str, e: Errno| Problem::Io(format!("{what} {}", shown.display()), e.into());
-        let flags = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        // O_NONBLOCK: a FIFO or device planted in its place never blocks
+        // the open (it is then refused as not a regular file).
+        let flags = OFlag::O_RDWR
+            | OFlag::O_CREAT
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC;
         for _ in 0..LOCK_ATTEMPTS {
             let fd = match openat(&self.fd, name, flags, Mode::S_IRUSR | Mode::S_IWUSR) {
                 Ok(fd) => fd,
@@ -463,10 +477,13 @@ impl ControlDir {
         // outright; the check below still holds.
         match fchmodat(&self.fd, name, owner_rw, FchmodatFlags::NoFollowSymlink) {
             Ok(()) | Err(Errno::EOPNOTSUPP) => {}
-            Err(e) => return Err(self.io("setting the socket's mode to 0600", e)),
+            Err(e) => {
+                let what = format!("setting the mode of its socket in {} to 0600", self.shown());
+                return Err(Problem::io(what, e));
+            }
         }
         let st = fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| self.io("examining the socket just bound", e))?;
+            .map_err(|e| Problem::io(format!("examining its socket in {}", self.shown()), e))?;
         if file_type(&st) != SFlag::S_IFSOCK || st.st_mode & 0o077 != 0 {
             return Err(Problem::Refused(format!(
                 "the socket bound in {} has mode {:o}, not 0600",
@@ -477,8 +494,9 @@ impl ControlDir {
         Ok(())
     }
 
-    fn io(&self, what: &str, e: Errno) -> Problem {
-        Problem::Io(format!("{what} ({})", self.path.display()), e.into())
+    /// The directory's path, for messages.
+    fn shown(&self) -> std::path::Display<'_> {
+        self.path.display()
     }
 }
 
