@@ -88,6 +88,15 @@ pub enum Error {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The control socket's path or its directory is not one baton will
+    /// use (a symlink, another user's, writable by others, too long).
+    #[error("control socket {}: {reason}", path.display())]
+    ControlRefused {
+        /// The socket's path.
+        path: PathBuf,
+        /// What is wrong with it, and what to do instead.
+        reason: String,
+    },
     /// Another baton owns the control socket.
     #[error(
         "control socket {} is in use by a running baton (pid {pid}); stop it, or give this one \
