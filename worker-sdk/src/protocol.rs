@@ -194,7 +194,7 @@ pub enum ListenerKind {
 /// | class | variants | the channel | what to do |
 /// | --- | --- | --- | --- |
 /// | [fatal](Self::is_fatal) | `Closed`; `Io` other than below | gone | stop reading and sending |
-/// | [transient](Self::is_transient) | `OutOfDescriptors`, `OutboxFull`; `Io` `WouldBlock`, `EINTR`, `ENOBUFS`, `ENOMEM` | usable | this process's own passing condition, not the peer's fault: go on (later) |
+/// | [transient](Self::is_transient) | `OutOfDescriptors`, `OutboxFull`; `Io` `WouldBlock`, `EINTR`, `ENOBUFS`, `ENOMEM`, `ETOOMANYREFS` | usable | this process's own passing condition, not the peer's fault: go on (later) |
 /// | neither | `TooLarge`, `TooManyFds`, `Malformed` | usable | one bad packet, dropped whole (`SOCK_SEQPACKET` keeps packet boundaries): the peer's fault |
 ///
 /// An `OutOfDescriptors` packet's message did arrive, only its descriptors
@@ -326,12 +326,17 @@ impl ProtocolError {
     }
 }
 
-/// `WouldBlock`, `EINTR`, and the kernel short of memory for a moment.
+/// `WouldBlock`, `EINTR`, the kernel short of memory for a moment, and
+/// `ETOOMANYREFS` (sending: this process has more descriptors in flight
+/// than its `RLIMIT_NOFILE`, until the peer reads some).
 fn io_is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    ) || matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM))
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::ENOBUFS | libc::ENOMEM | libc::ETOOMANYREFS)
+    )
 }
 
 /// Encodes `message` and sends it as one packet with `fds` attached.
@@ -543,7 +548,13 @@ mod tests {
             packet: "{}".into(),
         };
         let full = ProtocolError::OutboxFull { queued: 64 };
-        for e in [libc::EAGAIN, libc::EINTR, libc::ENOBUFS, libc::ENOMEM] {
+        for e in [
+            libc::EAGAIN,
+            libc::EINTR,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::ETOOMANYREFS,
+        ] {
             let transient = errno(e);
             assert!(
                 transient.is_transient() && !transient.is_fatal(),
