@@ -7,8 +7,17 @@
 //! Sending is synchronous so `ready()` and `status()` work anywhere, in a
 //! hook or a timer too: a message goes straight onto the socket; if the
 //! socket is full (the supervisor is busy), it waits in a small outbox that
-//! a writer task flushes in order when the socket is writable again. A
-//! newer `status` replaces one still waiting. This module never interprets
+//! a writer task flushes in order when the socket is writable again. The
+//! outbox is bounded even if the supervisor never reads again: a newer
+//! `status` or `checkpoint` replaces one still waiting (only the latest
+//! matters; the older checkpoint's memfd is closed), and beyond
+//! [`MAX_QUEUED`] other messages a send fails with
+//! [`ProtocolError::OutboxFull`].
+//!
+//! Only a [fatal](ProtocolError::is_fatal) error ends the channel (and
+//! drains the worker); anything else costs at most one message. A `state`
+//! whose memfd was lost because this process ran out of descriptors is
+//! handed to `keep` as lost, which rejects it. This module never interprets
 //! the listeners it receives; `worker` checks them.
 
 use std::collections::VecDeque;
@@ -33,6 +42,15 @@ pub(crate) struct Welcome {
     pub(crate) generation: u64,
     pub(crate) listeners: Vec<(ListenerInfo, OwnedFd)>,
 }
+
+/// The most messages, besides the latest `status` and `checkpoint`, that
+/// wait in the outbox; a send beyond it fails.
+pub(crate) const MAX_QUEUED: usize = 64;
+
+/// How long the tasks wait before trying the socket again after the kernel
+/// was short of memory (`ENOBUFS`, `ENOMEM`): no readiness event says when
+/// that ends.
+const RETRY_AFTER: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Default)]
 struct Outbox {
@@ -63,6 +81,9 @@ pub(crate) struct StateReply {
     pub(crate) generation: Option<u64>,
     pub(crate) bytes: u64,
     pub(crate) fd: Option<OwnedFd>,
+    /// Why the memfd sent with it never arrived (this process was out of
+    /// descriptors), if it did not.
+    pub(crate) lost: Option<String>,
 }
 
 impl Channel {
@@ -130,20 +151,43 @@ impl Channel {
             let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
             match protocol::send(self.fd.get_ref().as_fd(), &message, &fds) {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_would_block() => {}
+                // Full, or short of memory: the writer task retries.
+                Err(e) if e.is_transient() => {}
                 Err(e) => {
-                    if matches!(e, ProtocolError::Closed) {
+                    if e.is_fatal() {
                         out.closed = true;
                     }
                     return Err(e);
                 }
             }
         }
-        // Only the newest status matters.
-        let replaces_status = matches!(message, WorkerMessage::Status { .. })
-            && matches!(out.queue.back(), Some((WorkerMessage::Status { .. }, _)));
-        if replaces_status {
-            out.queue.pop_back();
+        match message {
+            // Only the newest status and the newest checkpoint matter: the
+            // older one leaves the queue (closing its memfd), the newer one
+            // goes to the back, as if the older had never been sent.
+            WorkerMessage::Status { .. } => out
+                .queue
+                .retain(|(m, _)| !matches!(m, WorkerMessage::Status { .. })),
+            WorkerMessage::Checkpoint { .. } => out
+                .queue
+                .retain(|(m, _)| !matches!(m, WorkerMessage::Checkpoint { .. })),
+            _ => {
+                let queued = out
+                    .queue
+                    .iter()
+                    .filter(|(m, _)| {
+                        !matches!(
+                            m,
+                            WorkerMessage::Status { .. } | WorkerMessage::Checkpoint { .. }
+                        )
+                    })
+                    .count();
+                if queued >= MAX_QUEUED {
+                    let e = ProtocolError::OutboxFull { queued };
+                    tracing::warn!("{e}: {message:?}");
+                    return Err(e);
+                }
+            }
         }
         out.queue.push_back((message, fd));
         self.wake.notify_one();
@@ -163,21 +207,35 @@ impl Channel {
                         return;
                     }
                 };
-                let mut out = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
-                let Some((front, fd)) = out.queue.front() else {
-                    break;
+                let sent = {
+                    let mut out = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
+                    let Some((front, fd)) = out.queue.front() else {
+                        break;
+                    };
+                    let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
+                    match protocol::send(self.fd.get_ref().as_fd(), front, &fds) {
+                        Ok(()) => {
+                            out.queue.pop_front();
+                            Ok(())
+                        }
+                        // This one message cannot be sent (too large, say);
+                        // the ones after it still can.
+                        Err(e) if !e.is_fatal() && !e.is_transient() => {
+                            let dropped = out.queue.pop_front().map(|(m, _)| m);
+                            tracing::warn!(
+                                "worker channel: sending a queued message: {e}; dropped \
+                                 {dropped:?}"
+                            );
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
                 };
-                let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
-                match protocol::send(self.fd.get_ref().as_fd(), front, &fds) {
-                    Ok(()) => {
-                        out.queue.pop_front();
-                    }
-                    Err(e) if e.is_would_block() => {
-                        drop(out);
-                        guard.clear_ready();
-                    }
+                match sent {
+                    Ok(()) => {}
+                    Err(e) if e.is_would_block() => guard.clear_ready(),
+                    Err(e) if e.is_transient() => tokio::time::sleep(RETRY_AFTER).await,
                     Err(e) => {
-                        drop(out);
                         tracing::warn!("worker channel: sending a queued message: {e}");
                         self.close_outbox();
                         return;
@@ -194,34 +252,60 @@ impl Channel {
     }
 
     /// The reader task: waits for `drain` and begins the worker's drain
-    /// with it; the channel closing (the supervisor is gone) drains too.
-    /// Messages it does not know (a newer supervisor's) are logged and
-    /// skipped.
+    /// with it; the channel closing (the supervisor is gone, or a
+    /// [fatal](ProtocolError::is_fatal) error) drains too. Messages it does
+    /// not know (a newer supervisor's) and bad packets are logged and
+    /// skipped; a message whose descriptors were lost (this process is out
+    /// of descriptors) is handled without them.
     pub(crate) async fn read_task(self: Arc<Self>, drain: Arc<DrainState>, state: Arc<Shared>) {
         loop {
-            match self.recv().await {
-                Ok((SupervisorMessage::Drain { timeout_ms }, _fds)) => {
+            let (message, mut fds, lost) = match self.recv().await {
+                Ok((message, fds)) => (message, fds, None),
+                Err(e) if e.is_fatal() => {
+                    if !matches!(e, ProtocolError::Closed) {
+                        tracing::warn!("{e}");
+                    }
+                    self.close_outbox();
+                    drain.fire(DrainCause::ChannelClosed, None);
+                    return;
+                }
+                Err(e) => match e.lost_message::<SupervisorMessage>() {
+                    Some(message) => {
+                        tracing::warn!("{e}");
+                        (message, Vec::new(), Some(e.to_string()))
+                    }
+                    None if e.is_transient() => {
+                        tracing::warn!("{e}; trying again");
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        continue;
+                    }
+                    None => {
+                        tracing::warn!("{e}; ignored");
+                        continue;
+                    }
+                },
+            };
+            match message {
+                SupervisorMessage::Drain { timeout_ms } => {
                     let timeout = Duration::from_millis(timeout_ms);
                     drain.fire(DrainCause::Supervisor { timeout }, Some(timeout));
                 }
-                Ok((SupervisorMessage::Freeze, _fds)) => self.freeze(&state).await,
-                Ok((SupervisorMessage::Thaw, _fds)) => {
+                SupervisorMessage::Freeze => self.freeze(&state).await,
+                SupervisorMessage::Thaw => {
                     state.thaw();
                     tracing::info!("thawed: the next generation failed; serving on");
                 }
-                Ok((
-                    SupervisorMessage::State {
-                        source,
-                        generation,
-                        bytes,
-                    },
-                    mut fds,
-                )) => {
+                SupervisorMessage::State {
+                    source,
+                    generation,
+                    bytes,
+                } => {
                     let reply = StateReply {
                         source,
                         generation,
                         bytes,
                         fd: fds.pop(),
+                        lost,
                     };
                     let waiting = self
                         .state_reply
@@ -235,17 +319,11 @@ impl Channel {
                         None => tracing::warn!("worker channel: kept values nobody asked for"),
                     }
                 }
-                Ok((other, _fds)) => {
+                other => {
                     tracing::warn!(
                         "worker channel: unexpected {other:?} from the supervisor; ignored"
                     );
                 }
-                Err(ProtocolError::Closed | ProtocolError::Io(_)) => {
-                    self.close_outbox();
-                    drain.fire(DrainCause::ChannelClosed, None);
-                    return;
-                }
-                Err(e) => tracing::warn!("{e}; ignored"),
             }
         }
     }
@@ -310,5 +388,143 @@ impl Channel {
                 other => return other,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    fn memfd() -> OwnedFd {
+        nix::sys::memfd::memfd_create(c"checkpoint", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .expect("memfd_create")
+    }
+
+    fn queued(channel: &Channel) -> Vec<WorkerMessage> {
+        let out = channel
+            .outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        out.queue.iter().map(|(m, _)| m.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn the_outbox_of_a_channel_nobody_reads_stays_bounded() {
+        let (supervisor, worker) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )
+        .expect("socketpair");
+        let channel = Arc::new(Channel::new(worker).expect("channel"));
+        // Fill the socket: the supervisor does not read.
+        let mut filler = 0;
+        loop {
+            match protocol::send(channel.fd.get_ref().as_fd(), &WorkerMessage::Ready, &[]) {
+                Ok(()) => filler += 1,
+                Err(e) if e.is_would_block() => break,
+                Err(e) => panic!("filling the socket: {e}"),
+            }
+        }
+
+        // A worker that checkpoints and reports status often, for long.
+        channel.send(WorkerMessage::TakeState).expect("queued");
+        for i in 1..=1000 {
+            channel
+                .send_with(WorkerMessage::Checkpoint { bytes: i }, Some(memfd()))
+                .expect("a checkpoint replaces the one waiting");
+            channel
+                .send(WorkerMessage::Status {
+                    text: format!("tick {i}"),
+                })
+                .expect("a status replaces the one waiting");
+        }
+        let latest = vec![
+            WorkerMessage::TakeState,
+            WorkerMessage::Checkpoint { bytes: 1000 },
+            WorkerMessage::Status {
+                text: "tick 1000".into(),
+            },
+        ];
+        let now = queued(&channel);
+        assert_eq!(now.len(), latest.len(), "queued: {} messages", now.len());
+        assert_eq!(now, latest);
+        let fds = channel
+            .outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .queue
+            .iter()
+            .filter(|(_, fd)| fd.is_some())
+            .count();
+        assert_eq!(fds, 1, "only the latest checkpoint's memfd is held");
+
+        // Any other message: up to the cap, then a clear error.
+        for _ in 1..MAX_QUEUED {
+            channel
+                .send(WorkerMessage::Rejected { reason: "x".into() })
+                .expect("below the cap");
+        }
+        let err = channel
+            .send(WorkerMessage::Rejected { reason: "x".into() })
+            .expect_err("over the cap");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "worker channel: {MAX_QUEUED} messages already wait for the supervisor, which \
+                 is not reading; this one was dropped"
+            )
+        );
+        assert!(err.is_transient() && !err.is_fatal(), "{err:?}");
+        // The latest checkpoint still replaces the older one at the cap.
+        channel
+            .send_with(WorkerMessage::Checkpoint { bytes: 1001 }, Some(memfd()))
+            .expect("a checkpoint at the cap");
+        assert_eq!(queued(&channel).len(), MAX_QUEUED + 2);
+
+        // The supervisor reads again: everything arrives, in order, the
+        // latest checkpoint with its memfd.
+        tokio::spawn(channel.clone().write_task());
+        let mut got = Vec::new();
+        let expected = filler + MAX_QUEUED + 2;
+        let reader = std::thread::spawn(move || {
+            nix::fcntl::fcntl(
+                &supervisor,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+            )
+            .expect("blocking");
+            while got.len() < expected {
+                let (m, fds): (WorkerMessage, _) =
+                    protocol::recv(supervisor.as_fd()).expect("recv");
+                got.push((m, fds.len()));
+            }
+            got
+        });
+        let got = tokio::task::spawn_blocking(move || reader.join().expect("reader"))
+            .await
+            .expect("join");
+        let rest: Vec<_> = got[filler..].to_vec();
+        assert_eq!(rest[0], (WorkerMessage::TakeState, 0));
+        assert_eq!(
+            rest[1],
+            (
+                WorkerMessage::Status {
+                    text: "tick 1000".into()
+                },
+                0
+            )
+        );
+        assert_eq!(
+            rest[rest.len() - 1],
+            (WorkerMessage::Checkpoint { bytes: 1001 }, 1)
+        );
+        assert_eq!(
+            rest.iter()
+                .filter(|(m, _)| matches!(m, WorkerMessage::Checkpoint { .. }))
+                .count(),
+            1
+        );
     }
 }

@@ -6,7 +6,11 @@
 //! add some; [`PROTOCOL_VERSION`] guards meaning), at most [`MAX_MESSAGE`] bytes, with any attached
 //! descriptors passed alongside it with `SCM_RIGHTS`. Received descriptors are
 //! close-on-exec from the moment they arrive (`MSG_CMSG_CLOEXEC`), and a packet
-//! whose data or descriptors were truncated is refused, never half-read.
+//! whose data or descriptors were truncated is refused, never half-read. When
+//! the descriptors were lost because the *receiver* is out of descriptor
+//! numbers, the error says so ([`ProtocolError::OutOfDescriptors`]) and
+//! still holds the message, and [`ProtocolError::is_fatal`] tells an error
+//! that ends the channel from one that only cost a packet.
 //!
 //! A conversation, as of [`PROTOCOL_VERSION`] 1:
 //!
@@ -41,6 +45,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The version of the worker protocol this crate speaks.
@@ -183,6 +188,18 @@ pub enum ListenerKind {
 }
 
 /// Why a message could not be sent or received.
+///
+/// Every error falls in one of three classes, which say what to do next:
+///
+/// | class | variants | the channel | what to do |
+/// | --- | --- | --- | --- |
+/// | [fatal](Self::is_fatal) | `Closed`; `Io` other than below | gone | stop reading and sending |
+/// | [transient](Self::is_transient) | `OutOfDescriptors`, `OutboxFull`; `Io` `WouldBlock`, `EINTR`, `ENOBUFS`, `ENOMEM`, `ETOOMANYREFS` | usable | this process's own passing condition, not the peer's fault: go on (later) |
+/// | neither | `TooLarge`, `TooManyFds`, `Malformed` | usable | one bad packet, dropped whole (`SOCK_SEQPACKET` keeps packet boundaries): the peer's fault |
+///
+/// An `OutOfDescriptors` packet's message did arrive, only its descriptors
+/// were lost: [`lost_message`](Self::lost_message) decodes it, so the caller
+/// can tell which message it was (a snapshot that lost its memfd, say).
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     /// The socket call itself failed (including `WouldBlock`).
@@ -194,7 +211,8 @@ pub enum ProtocolError {
     /// A packet was larger than [`MAX_MESSAGE`].
     #[error("worker channel: message larger than {MAX_MESSAGE} bytes")]
     TooLarge,
-    /// Descriptors attached to a packet did not fit and were dropped.
+    /// Descriptors attached to a packet did not fit and were dropped (or,
+    /// sending, more than [`MAX_FDS`] were given).
     #[error("worker channel: message carried more than {MAX_FDS} descriptors")]
     TooManyFds,
     /// The packet was not a valid message of this protocol.
@@ -205,6 +223,42 @@ pub enum ProtocolError {
         /// What the JSON decoder said.
         source: serde_json::Error,
     },
+    /// A packet arrived, but the descriptors sent with it were lost: this
+    /// process had no free descriptor number to put them at (`EMFILE`; the
+    /// kernel then drops them and sets `MSG_CTRUNC`). The receiver's own
+    /// condition, not the sender's fault; the channel stays usable.
+    #[error(
+        "worker channel: this process is out of descriptors (RLIMIT_NOFILE {limit}); \
+         descriptors sent with {} were lost",
+        describe_packet(packet)
+    )]
+    OutOfDescriptors {
+        /// This process's soft `RLIMIT_NOFILE` when it happened.
+        limit: u64,
+        /// The packet's data, as received: the message whose descriptors
+        /// were lost (see [`lost_message`](ProtocolError::lost_message)).
+        packet: String,
+    },
+    /// Sending: the peer has not read for so long that `queued` messages
+    /// already wait for it; this one was not queued. Only the SDK's outbox
+    /// returns it.
+    #[error(
+        "worker channel: {queued} messages already wait for the supervisor, which is not \
+         reading; this one was dropped"
+    )]
+    OutboxFull {
+        /// How many messages were waiting.
+        queued: usize,
+    },
+}
+
+/// "a `checkpoint` message" for a packet that names its type, else "a
+/// message".
+fn describe_packet(packet: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(packet)
+        .ok()
+        .and_then(|v| v.get("type")?.as_str().map(|t| format!("a `{t}` message")))
+        .unwrap_or_else(|| "a message".to_owned())
 }
 
 impl ProtocolError {
@@ -212,6 +266,77 @@ impl ProtocolError {
     pub fn is_would_block(&self) -> bool {
         matches!(self, ProtocolError::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
+
+    /// Whether the channel is gone: the peer closed or reset it, or the
+    /// socket failed in a way no retry mends. Nothing more can be read or
+    /// sent; stop using the channel. Every other error leaves it usable.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ProtocolError::Closed => true,
+            ProtocolError::Io(e) => !io_is_transient(e),
+            ProtocolError::TooLarge
+            | ProtocolError::TooManyFds
+            | ProtocolError::Malformed { .. }
+            | ProtocolError::OutOfDescriptors { .. }
+            | ProtocolError::OutboxFull { .. } => false,
+        }
+    }
+
+    /// Whether this is a passing condition of this process, not the
+    /// peer's fault: out of descriptors or memory, an interrupted or
+    /// would-block call, a full outbox. The channel stays usable; do not
+    /// blame the peer. A transient error is never [fatal](Self::is_fatal).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProtocolError::Io(e) => io_is_transient(e),
+            ProtocolError::OutOfDescriptors { .. } | ProtocolError::OutboxFull { .. } => true,
+            ProtocolError::Closed
+            | ProtocolError::TooLarge
+            | ProtocolError::TooManyFds
+            | ProtocolError::Malformed { .. } => false,
+        }
+    }
+
+    /// For [`OutOfDescriptors`](Self::OutOfDescriptors): the message that
+    /// arrived without its descriptors, decoded as `M` (`None` if it does
+    /// not decode). `None` for every other error.
+    ///
+    /// ```
+    /// use baton_worker::protocol::{ProtocolError, WorkerMessage};
+    /// let lost = ProtocolError::OutOfDescriptors {
+    ///     limit: 64,
+    ///     packet: r#"{"type":"frozen","bytes":12}"#.into(),
+    /// };
+    /// assert_eq!(
+    ///     lost.lost_message::<WorkerMessage>(),
+    ///     Some(WorkerMessage::Frozen { bytes: 12 })
+    /// );
+    /// assert!(lost.is_transient() && !lost.is_fatal());
+    /// assert_eq!(
+    ///     lost.to_string(),
+    ///     "worker channel: this process is out of descriptors (RLIMIT_NOFILE 64); \
+    ///      descriptors sent with a `frozen` message were lost"
+    /// );
+    /// ```
+    pub fn lost_message<M: DeserializeOwned>(&self) -> Option<M> {
+        match self {
+            ProtocolError::OutOfDescriptors { packet, .. } => serde_json::from_str(packet).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// `WouldBlock`, `EINTR`, the kernel short of memory for a moment, and
+/// `ETOOMANYREFS` (sending: this process has more descriptors in flight
+/// than its `RLIMIT_NOFILE`, until the peer reads some).
+fn io_is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::ENOBUFS | libc::ENOMEM | libc::ETOOMANYREFS)
+    )
 }
 
 /// Encodes `message` and sends it as one packet with `fds` attached.
@@ -253,7 +378,11 @@ pub fn send<M: Serialize>(
 /// (already close-on-exec).
 ///
 /// Any descriptors that arrived are owned by the result, so they are closed
-/// when a malformed message is dropped.
+/// when a malformed message is dropped. If descriptors sent with the packet
+/// were lost because this process is out of descriptors, the error is
+/// [`ProtocolError::OutOfDescriptors`], which holds the message (see
+/// [`ProtocolError::lost_message`]); any of its descriptors that did arrive
+/// are closed.
 pub fn recv<M: for<'de> Deserialize<'de>>(
     channel: BorrowedFd<'_>,
 ) -> Result<(M, Vec<OwnedFd>), ProtocolError> {
@@ -296,6 +425,15 @@ fn recv_packet(
     }
     let (bytes, flags) = (msg.bytes, msg.flags);
     if flags.contains(MsgFlags::MSG_CTRUNC) {
+        // The kernel also truncates when it cannot install the descriptors
+        // here: tell that apart from a sender that sent too many.
+        if let Some(limit) = out_of_descriptors(channel) {
+            let len = bytes.min(buf.len());
+            return Err(ProtocolError::OutOfDescriptors {
+                limit,
+                packet: String::from_utf8_lossy(&buf[..len]).into_owned(),
+            });
+        }
         return Err(ProtocolError::TooManyFds);
     }
     if flags.contains(MsgFlags::MSG_TRUNC) || bytes > MAX_MESSAGE {
@@ -305,6 +443,20 @@ fn recv_packet(
         return Err(ProtocolError::Closed);
     }
     Ok((bytes, fds))
+}
+
+/// `Some(soft RLIMIT_NOFILE)` if this process cannot open one more
+/// descriptor now (tried by duplicating `probe` and closing the copy at
+/// once), `None` if it can.
+fn out_of_descriptors(probe: BorrowedFd<'_>) -> Option<u64> {
+    match probe.try_clone_to_owned() {
+        Ok(_copy) => None,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => Some(
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(libc::RLIM_INFINITY, |(soft, _hard)| soft),
+        ),
+        Err(_) => None,
+    }
 }
 
 #[cfg(test)]
@@ -379,5 +531,62 @@ mod tests {
             recv::<WorkerMessage>(b.as_fd()),
             Err(ProtocolError::Closed)
         ));
+    }
+
+    #[test]
+    fn errors_say_whether_the_channel_is_gone_or_only_a_packet() {
+        let errno = |e| ProtocolError::Io(io::Error::from_raw_os_error(e));
+        for fatal in [
+            ProtocolError::Closed,
+            errno(libc::EBADF),
+            errno(libc::ENOTCONN),
+        ] {
+            assert!(fatal.is_fatal() && !fatal.is_transient(), "{fatal:?}");
+        }
+        let lost = ProtocolError::OutOfDescriptors {
+            limit: 8,
+            packet: "{}".into(),
+        };
+        let full = ProtocolError::OutboxFull { queued: 64 };
+        for e in [
+            libc::EAGAIN,
+            libc::EINTR,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::ETOOMANYREFS,
+        ] {
+            let transient = errno(e);
+            assert!(
+                transient.is_transient() && !transient.is_fatal(),
+                "{transient:?}"
+            );
+        }
+        assert!(lost.is_transient() && !lost.is_fatal());
+        assert!(full.is_transient() && !full.is_fatal());
+        let (a, b) = pair();
+        nix::unistd::write(&a, b"not json").expect("write");
+        let malformed = recv::<WorkerMessage>(b.as_fd()).expect_err("garbage");
+        for peer_fault in [
+            ProtocolError::TooLarge,
+            ProtocolError::TooManyFds,
+            malformed,
+        ] {
+            assert!(
+                !peer_fault.is_fatal() && !peer_fault.is_transient(),
+                "{peer_fault:?}"
+            );
+            assert!(peer_fault.lost_message::<WorkerMessage>().is_none());
+        }
+        // The packet after a malformed one still arrives.
+        send(a.as_fd(), &WorkerMessage::Ready, &[]).expect("send");
+        assert_eq!(
+            recv::<WorkerMessage>(b.as_fd()).expect("recv").0,
+            WorkerMessage::Ready
+        );
+        assert_eq!(
+            lost.to_string(),
+            "worker channel: this process is out of descriptors (RLIMIT_NOFILE 8); descriptors \
+             sent with a message were lost"
+        );
     }
 }

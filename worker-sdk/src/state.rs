@@ -340,16 +340,22 @@ impl Shared {
         Ok(Some((fd, bytes)))
     }
 
-    /// Reads a snapshot the supervisor passed (`bytes` long), migrating
-    /// older formats; `Err` is the reason to reject it.
+    /// Reads a snapshot the supervisor passed (announced as `bytes` long),
+    /// migrating older formats; `Err` is the reason to reject it.
+    ///
+    /// The memfd is checked before anything is allocated or mapped (see
+    /// [`checked_len`]): a size that disagrees with the file is refused, so
+    /// a wrong or hostile announcement never makes this allocate, map or
+    /// parse more than the sealed file really holds.
     pub(crate) fn load(&self, fd: OwnedFd, bytes: u64) -> Result<Map<String, Value>, String> {
-        let len = usize::try_from(bytes).map_err(|_| format!("a snapshot of {bytes} bytes"))?;
+        let len = checked_len(&fd, bytes)?;
         // Parsed straight from a read-only mapping of the sealed memfd: the
         // bytes the old generation wrote are read once, never copied.
         let doc: Snapshot = match crate::sys::Mapped::sealed(&fd, len) {
             Ok(mapped) => serde_json::from_slice(mapped.bytes()),
             Err(e) => {
                 tracing::debug!("mapping the snapshot: {e}; reading it instead");
+                // `len` is the sealed file's own size, checked above.
                 let mut buf = vec![0u8; len];
                 // Positioned reads: the descriptor's offset is shared with
                 // every other holder of this memfd.
@@ -385,6 +391,39 @@ impl Shared {
         }
         Ok(values)
     }
+}
+
+/// The seals without which a snapshot's size could change after it was
+/// checked (`F_SEAL_SEAL` adds nothing to that: seals are never removed).
+const SIZE_AND_CONTENT_SEALS: libc::c_int =
+    libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// Checks a snapshot memfd against the size the supervisor announced, before
+/// a byte of it is allocated, mapped or parsed: it must be sealed against
+/// writing, growing and shrinking (so what is checked stays true), and its
+/// real size (`fstat`) must be exactly `bytes`. Returns that size.
+fn checked_len(fd: &OwnedFd, bytes: u64) -> Result<usize, String> {
+    let seals = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+        .map_err(|e| format!("checking the snapshot's seals: not a sealable memfd ({e})"))?;
+    if seals & SIZE_AND_CONTENT_SEALS != SIZE_AND_CONTENT_SEALS {
+        return Err(
+            "checking the snapshot's seals: the memfd is not sealed against writing, growing \
+             and shrinking"
+                .to_owned(),
+        );
+    }
+    let size = nix::sys::stat::fstat(fd)
+        .map_err(|e| format!("checking the snapshot's size: fstat: {e}"))?
+        .st_size;
+    if u64::try_from(size).ok() != Some(bytes) {
+        return Err(format!(
+            "checking the snapshot's size: the supervisor announced {bytes} bytes but the memfd \
+             holds {size}"
+        ));
+    }
+    usize::try_from(bytes).map_err(|_| {
+        format!("checking the snapshot's size: {bytes} bytes do not fit in this process's memory")
+    })
 }
 
 /// A snapshot document as written by [`Shared::snapshot`].
@@ -500,5 +539,107 @@ mod tests {
         let values = Mutex::new(Shared::new(1, None).load(fd, bytes).expect("loads"));
         let err = claim::<String>(&values, "count").expect_err("wrong type");
         assert!(err.contains("does not read as"), "{err}");
+    }
+
+    /// A memfd holding `content`, sealed against every change or not at
+    /// all: a snapshot as a buggy or hostile peer might hand one over.
+    fn forged(content: &[u8], sealed: bool) -> OwnedFd {
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let fd = memfd_create(
+            c"forged-snapshot",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .expect("memfd_create");
+        let file = File::from(fd);
+        file.write_all_at(content, 0).expect("write");
+        let fd = OwnedFd::from(file);
+        if sealed {
+            nix::fcntl::fcntl(
+                &fd,
+                nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::from_bits_truncate(
+                    SNAPSHOT_SEALS,
+                )),
+            )
+            .expect("seal");
+        }
+        fd
+    }
+
+    const DOC: &[u8] = br#"{"format":1,"values":{"count":5}}"#;
+
+    #[test]
+    fn an_honest_forged_snapshot_loads() {
+        let values = Shared::new(1, None)
+            .load(forged(DOC, true), DOC.len() as u64)
+            .expect("loads");
+        assert_eq!(values.get("count"), Some(&Value::from(5)));
+    }
+
+    #[test]
+    fn an_announced_size_larger_than_the_memfd_is_refused_without_allocating_it() {
+        let len = DOC.len();
+        for claimed in [len as u64 + 1, 1 << 40, isize::MAX as u64, u64::MAX] {
+            let err = Shared::new(1, None)
+                .load(forged(DOC, true), claimed)
+                .expect_err("a size larger than the file");
+            assert_eq!(
+                err,
+                format!(
+                    "checking the snapshot's size: the supervisor announced {claimed} bytes but \
+                     the memfd holds {len}"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_memfd_larger_than_announced_is_refused_not_read_in_part() {
+        // The first `DOC.len()` bytes are a valid snapshot: reading only
+        // the announced prefix would accept it.
+        let mut content = DOC.to_vec();
+        content.extend_from_slice(b"  trailing bytes nobody announced");
+        let err = Shared::new(1, None)
+            .load(forged(&content, true), DOC.len() as u64)
+            .expect_err("a file larger than announced");
+        assert_eq!(
+            err,
+            format!(
+                "checking the snapshot's size: the supervisor announced {} bytes but the memfd \
+                 holds {}",
+                DOC.len(),
+                content.len()
+            )
+        );
+    }
+
+    #[test]
+    fn an_unsealed_memfd_is_refused() {
+        let err = Shared::new(1, None)
+            .load(forged(DOC, false), DOC.len() as u64)
+            .expect_err("unsealed");
+        assert!(
+            err.contains("not sealed against writing, growing and shrinking"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_a_memfd_is_refused() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let err = Shared::new(1, None)
+            .load(OwnedFd::from(a), 10)
+            .expect_err("a socket");
+        assert!(
+            err.starts_with("checking the snapshot's seals: not a sealable memfd"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_empty_snapshot_is_an_error_not_a_panic() {
+        let err = Shared::new(1, None)
+            .load(forged(b"", true), 0)
+            .expect_err("empty");
+        assert!(err.starts_with("parsing the snapshot: "), "{err}");
     }
 }

@@ -766,8 +766,17 @@ impl Worker {
             })?,
             () = self.drained() => return Err(Error::DrainedBeforeState),
         };
+        if let Some(reason) = reply.lost {
+            return Err(self.reject(format!("receiving the kept values: {reason}")));
+        }
         let values = match reply.fd {
-            None => Default::default(),
+            None if reply.bytes == 0 => Default::default(),
+            None => {
+                return Err(self.reject(format!(
+                    "the supervisor announced {} bytes of kept values but sent no memfd",
+                    reply.bytes
+                )))
+            }
             Some(fd) => {
                 let shared = self.inner.state.clone();
                 let bytes = reply.bytes;
@@ -1046,6 +1055,42 @@ mod tests {
             err.to_string()
                 .starts_with("sending ready to the supervisor"),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn kept_values_announced_without_their_memfd_are_rejected() {
+        let (ours, theirs) = pair();
+        let supervisor = fake_supervisor(ours, 2, vec![]);
+        let worker = supervised(Handle::current(), theirs, 0..0, fresh_state())
+            .await
+            .expect("start");
+        let ours = supervisor.join().unwrap();
+        let answer = std::thread::spawn(move || {
+            let (ask, _): (WorkerMessage, _) = protocol::recv(ours.as_fd()).expect("take_state");
+            assert_eq!(ask, WorkerMessage::TakeState);
+            let state = SupervisorMessage::State {
+                source: StateSource::Snapshot,
+                generation: Some(1),
+                bytes: 10,
+            };
+            protocol::send(ours.as_fd(), &state, &[]).expect("state");
+            let (answer, _): (WorkerMessage, _) = protocol::recv(ours.as_fd()).expect("answer");
+            answer
+        });
+        let err = within("keep", worker.keep("count", || 0u64))
+            .await
+            .expect_err("no memfd");
+        let reason = "the supervisor announced 10 bytes of kept values but sent no memfd";
+        assert_eq!(
+            err.to_string(),
+            format!("rejecting the previous generation's kept values: {reason}")
+        );
+        assert_eq!(
+            answer.join().unwrap(),
+            WorkerMessage::Rejected {
+                reason: reason.into()
+            }
         );
     }
 
