@@ -1299,7 +1299,30 @@ impl Supervisor {
             Ok(WorkerMessage::Checkpoint { bytes }) => self.on_checkpoint(number, bytes, fds),
             // A plain worker's copy closes when it exits; the exit is reaped.
             Err(ProtocolError::Closed) => {}
+            Err(e) if e.is_transient() => self.on_lost(number, e),
             Err(e) => self.protocol_error(number, format!("{e}")),
+        }
+    }
+
+    /// baton itself could not take in a message whole (out of descriptors,
+    /// say): not the worker's fault, and its channel stays. A snapshot that
+    /// lost its memfd fails the reload it was for (the frozen generation
+    /// thaws with its values); a lost checkpoint waits for the next one.
+    fn on_lost(&mut self, number: u64, e: ProtocolError) {
+        match e.lost_message::<WorkerMessage>() {
+            Some(WorkerMessage::Frozen { .. }) => {
+                match self.handoff.filter(|h| h.from == number && !h.answered) {
+                    Some(h) => self.fail_starting(
+                        h.to,
+                        format!("generation {number}'s snapshot did not reach baton: {e}"),
+                    ),
+                    None => tracing::warn!("generation {number}: {e}"),
+                }
+            }
+            Some(WorkerMessage::Checkpoint { .. }) => {
+                tracing::warn!("generation {number}: {e}; its next checkpoint replaces it");
+            }
+            _ => tracing::warn!("generation {number}: {e}"),
         }
     }
 
@@ -1631,8 +1654,9 @@ impl Supervisor {
     }
 }
 
-/// Reads generation `number`'s channel until the worker hangs up. Any other
-/// error is reported and reading goes on: a malformed or cut packet is gone
+/// Reads generation `number`'s channel until it is gone (the worker hung up,
+/// or the socket failed for good). Any other error is reported and reading
+/// goes on: a malformed or cut packet is gone
 /// (packets keep their boundaries), and a failure of baton's own (out of
 /// descriptors, out of memory) passes; neither may cost the channel.
 async fn read_channel(number: u64, channel: Arc<AsyncFd<OwnedFd>>, events: mpsc::Sender<Event>) {
@@ -1658,9 +1682,9 @@ async fn read_channel(number: u64, channel: Arc<AsyncFd<OwnedFd>>, events: mpsc:
             Ok((message, fds)) => (Ok(message), fds),
             Err(e) => (Err(e), Vec::new()),
         };
-        let closed = matches!(message, Err(ProtocolError::Closed));
-        // An error of the socket call itself consumed no packet: retrying at
-        // once would spin.
+        let closed = message.as_ref().err().is_some_and(ProtocolError::is_fatal);
+        // A passing failure of the socket call itself consumed no packet:
+        // retrying at once would spin.
         let backoff = matches!(message, Err(ProtocolError::Io(_)));
         let sent = events
             .send(Event::Channel {

@@ -393,7 +393,7 @@ fn running_out_of_descriptors_costs_no_channel_and_no_kept_value() {
     wait_for(
         "baton to report the lost descriptors",
         Duration::from_secs(10),
-        || baton.log().contains("descriptor").then_some(()),
+        || baton.log().contains("out of descriptors").then_some(()),
     );
     prlimit_nofile(pid, &soft);
     // The serving generation still speaks: the reload takes its real values.
