@@ -34,6 +34,11 @@ use crate::listener::Listener;
 use crate::sys::{self, Credentials};
 use crate::Error;
 
+/// The file name of generation `generation`'s notify socket.
+fn notify_name(generation: u64) -> String {
+    format!("notify-{generation}.sock")
+}
+
 /// Where the runtime directory goes when workers run as another user.
 const SHARED_RUN: &str = "/run";
 
@@ -290,6 +295,18 @@ impl Launcher {
                 )
             },
         )?;
+        // The longest notify socket path there will be must fit in a Unix
+        // socket address; say so now, not when generation 1 starts.
+        let longest = run_dir.path().join(notify_name(u64::MAX));
+        let len = longest.as_os_str().len();
+        if len > crate::control::MAX_SOCKET_PATH {
+            return Err(Error::Usage(format!(
+                "the workers' notify sockets would be {} ({len} bytes); a Unix socket path is \
+                 at most {} bytes: give --control a shorter path",
+                longest.display(),
+                crate::control::MAX_SOCKET_PATH
+            )));
+        }
         let dev_null: OwnedFd = std::fs::File::open("/dev/null")
             .map_err(|e| io("opening /dev/null".into(), e))?
             .into();
@@ -313,10 +330,7 @@ impl Launcher {
             context: format!("starting generation {generation}: {what}"),
             source,
         };
-        let notify_path = self
-            .run_dir
-            .path()
-            .join(format!("notify-{generation}.sock"));
+        let notify_path = self.run_dir.path().join(notify_name(generation));
         let _ = std::fs::remove_file(&notify_path);
         let notify =
             UnixDatagram::bind(&notify_path).map_err(|e| io("binding its notify socket", e))?;

@@ -605,3 +605,31 @@ fn duplicate_listener_names_and_a_group_without_a_user_are_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--user"), "{stderr}");
 }
+
+#[test]
+fn a_control_directory_too_deep_for_the_notify_sockets_is_refused_at_start() {
+    let top = tempfile::tempdir().expect("tempdir");
+    // The control socket's own path fits in a socket address; the notify
+    // sockets baton puts beside it would not.
+    let mut dir = top.path().to_path_buf();
+    while dir.as_os_str().len() < 80 {
+        dir.push("deeper");
+    }
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let control = dir.join("b.sock");
+    assert!(control.as_os_str().len() <= 107);
+    let out = std::process::Command::new(bin("baton"))
+        .args(["run", "--listen", "http=tcp://127.0.0.1:0", "--control"])
+        .arg(&control)
+        .args(["--", "python3"])
+        .arg(pyworker())
+        .output()
+        .expect("running baton");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("notify sockets") && stderr.contains("at most 107 bytes"),
+        "{stderr}"
+    );
+}
