@@ -633,3 +633,58 @@ fn a_control_directory_too_deep_for_the_notify_sockets_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+#[test]
+fn under_any_umask_the_runtime_directory_and_notify_sockets_are_private() {
+    for umask in ["000", "077"] {
+        let baton = with_umask(Baton::builder(), umask)
+            .args(["--listen", "http=tcp://127.0.0.1:0"])
+            .pyworker("")
+            .start();
+        let load = Load::http(&baton, "http", |c| c.concurrency = 4);
+        load.wait_ok(20);
+        assert_eq!(baton.reload_ok(), 2);
+        load.wait_ok(20);
+        load.finish().assert_no_failures();
+        let run_dir = runtime_dir_in(baton.dir.path());
+        let mode = std::fs::metadata(&run_dir).expect("dir").mode() & 0o7777;
+        assert_eq!(mode, 0o700, "umask {umask}");
+        let worker = baton.worker_pid(2).expect("generation 2 serves");
+        let notify = environ(worker, "NOTIFY_SOCKET").expect("NOTIFY_SOCKET");
+        assert!(notify.starts_with(run_dir.to_str().expect("utf-8")));
+        let mode = std::fs::metadata(&notify).expect("socket").mode() & 0o777;
+        assert_eq!(mode, 0o600, "umask {umask}");
+    }
+}
+
+#[test]
+fn with_a_low_descriptor_limit_reloads_under_load_lose_nothing_and_leak_nothing() {
+    // 32 descriptors: baton itself needs about 17, each generation 2 more.
+    let baton = Baton::builder()
+        .wrap(["prlimit", "--nofile=32:32", "--"])
+        .args(["--listen", "http=tcp://127.0.0.1:0"])
+        .pyworker("")
+        .start();
+    let load = Load::http(&baton, "http", |c| c.concurrency = 4);
+    load.wait_ok(20);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", baton.pid()))
+            .expect("/proc/PID/fd")
+            .count()
+    };
+    baton.wait_settled();
+    let before = fds();
+    for generation in 2..=21 {
+        assert_eq!(baton.reload_ok(), generation);
+        baton.wait_settled();
+        load.wait_ok(10);
+    }
+    // A control connection of the harness may still be closing at either
+    // count; a leak per reload would show twenty times over.
+    wait_for(
+        "baton's descriptors back to before",
+        Duration::from_secs(10),
+        || (fds() <= before).then_some(()),
+    );
+    load.finish().assert_no_failures();
+}
