@@ -293,9 +293,42 @@ impl Baton {
         self.child.id() as i32
     }
 
-    /// Everything baton logged so far.
+    /// Everything baton logged so far. baton's lines reach the log through
+    /// its writer thread, a moment after the event they describe: to check
+    /// that something was logged, wait for it with [`Baton::wait_log`].
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until baton's log contains `needle` and returns the whole log;
+    /// panics with the log if it does not within 10s.
+    ///
+    /// To check that something is *absent*, first wait for a line baton logs
+    /// after the event in question (its lines are written in order), then
+    /// look in the log this returns.
+    pub fn wait_log(&self, needle: &str) -> String {
+        self.wait_log_count(needle, 1)
+    }
+
+    /// Waits until baton's log contains `needle` at least `n` times (not
+    /// overlapping) and returns the whole log; panics with the log if it
+    /// does not within 10s.
+    pub fn wait_log_count(&self, needle: &str, n: usize) -> String {
+        let timeout = Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            let found = log.matches(needle).count();
+            if found >= n {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {needle:?} {n} times in baton's log \
+                 (found {found})\nlog:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends one control request and returns the answer.

@@ -41,7 +41,8 @@ fn assert_failed_reload_keeps_serving(flags: &str, reason: &str) {
     assert_eq!(status["generation"], 1, "{status}");
     assert_eq!(status["last_reload"]["ok"], false, "{status}");
     assert_eq!(status["last_reload"]["generation"], 2, "{status}");
-    assert!(baton.log().contains(reason), "log lacks the reason");
+    // The log names the reason too.
+    baton.wait_log(reason);
     // The failed generation is stopped: only generation 1 is left.
     baton.wait_settled();
     load.wait_ok(20);
@@ -99,9 +100,8 @@ fn a_generation_that_ignores_the_drain_signal_is_killed_after_the_drain_timeout(
         || process_gone(old).then_some(()),
     );
     baton.wait_settled();
-    let log = baton.log();
-    assert!(log.contains("killing it"), "{log}");
-    assert!(log.contains("was killed by SIGKILL"), "{log}");
+    baton.wait_log("killing it");
+    baton.wait_log("was killed by SIGKILL");
 }
 
 #[test]
@@ -118,7 +118,7 @@ fn a_killed_serving_worker_is_restarted_and_no_connection_is_refused() {
         "{body}"
     );
     baton.wait_serving(2);
-    assert!(baton.log().contains("was killed by SIGKILL while serving"));
+    baton.wait_log("was killed by SIGKILL while serving");
 }
 
 #[test]
@@ -128,9 +128,8 @@ fn a_worker_that_keeps_crashing_is_restarted_with_growing_delays() {
     wait_for("three restarts", Duration::from_secs(20), || {
         (baton.log().matches("while serving").count() >= 3).then_some(())
     });
-    let log = baton.log();
-    assert!(log.contains("restarting the worker in 100ms"), "{log}");
-    assert!(log.contains("restarting the worker in 200ms"), "{log}");
+    baton.wait_log("restarting the worker in 100ms");
+    baton.wait_log("restarting the worker in 200ms");
     set_flags(&baton, "");
     // A reload cuts the back-off short and serves for good.
     let generation = baton.reload_ok();
@@ -186,12 +185,8 @@ fn the_first_generation_failing_makes_baton_run_exit_non_zero_with_the_reason() 
         .spawn();
     let status = baton.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
-    let log = baton.log();
-    assert!(
-        log.contains("the first generation did not start")
-            && log.contains("exited with status 3 before it was ready"),
-        "{log}"
-    );
+    baton.wait_log("the first generation did not start");
+    baton.wait_log("exited with status 3 before it was ready");
 
     let mut baton = Baton::builder()
         .args([
@@ -204,11 +199,7 @@ fn the_first_generation_failing_makes_baton_run_exit_non_zero_with_the_reason() 
         .spawn();
     let status = baton.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
-    assert!(
-        baton.log().contains("not ready within 500ms"),
-        "{}",
-        baton.log()
-    );
+    baton.wait_log("not ready within 500ms");
 }
 
 /// One GET on a fresh connection; the body.
@@ -249,18 +240,12 @@ fn reloads_wait_while_max_draining_old_generations_are_still_draining() {
         status["reloading"].is_null(),
         "not started while one drains: {status}"
     );
-    assert!(baton
-        .log()
-        .contains("reload waits: 1 old generations are still draining"));
+    baton.wait_log("reload waits: 1 old generations are still draining");
     // Once generation 1 is gone, the queued reload runs: generation 3.
     wait_for("the queued reload", Duration::from_secs(20), || {
         (baton.status()["generation"] == 3).then_some(())
     });
-    assert!(
-        baton.log().contains("was killed by SIGKILL"),
-        "{}",
-        baton.log()
-    );
+    baton.wait_log("was killed by SIGKILL");
 }
 
 #[test]
@@ -280,7 +265,8 @@ fn stopping_during_the_first_start_is_a_clean_stop() {
     });
     baton.signal(Signal::SIGTERM);
     let status = baton.wait_exit(Duration::from_secs(20));
-    let log = baton.log();
-    assert!(status.success(), "{status}: {log}");
+    assert!(status.success(), "{status}: {}", baton.log());
+    // Logged once the last generation is gone, after any kill.
+    let log = baton.wait_log("every generation has exited; baton stops");
     assert!(!log.contains("killing every generation"), "{log}");
 }

@@ -49,12 +49,15 @@ fn watched_changes_reload_once_per_burst_and_a_failing_build_keeps_the_old_gener
     baton.wait_settled();
     // An explicit reload now must be generation 3: the burst gave only one.
     assert_eq!(baton.reload_ok(), 3);
-    assert_eq!(
-        baton.log().matches("files changed").count(),
-        1,
-        "{}",
-        baton.log()
+    // Generation 3's readiness is logged after every change handled before
+    // the explicit reload: wait for it before counting.
+    baton.wait_log("files changed");
+    let ready = format!(
+        "generation 3 (pid {}) is ready",
+        baton.worker_pid(3).expect("generation 3 runs")
     );
+    let log = baton.wait_log(&ready);
+    assert_eq!(log.matches("files changed").count(), 1, "{log}");
     assert_eq!(build_runs(), 3);
 
     // An editor's save: write a temporary file, rename it over the original.
@@ -88,10 +91,8 @@ fn watched_changes_reload_once_per_burst_and_a_failing_build_keeps_the_old_gener
         error.contains("error[E0425]: cannot find value `x`"),
         "the output's tail: {error}"
     );
-    assert!(
-        baton.log().contains("cannot find value"),
-        "the build's output is logged"
-    );
+    // The build's output is logged.
+    baton.wait_log("cannot find value");
     let out = baton.cli(&["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAILED"));
     // `target/` and the swap file triggered nothing: one build per reload.

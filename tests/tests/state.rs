@@ -64,7 +64,7 @@ fn the_count_is_exact_through_a_reload_storm_under_load() {
     );
     assert_eq!(peek["generation"], 41);
     // The hand-overs really carried state: the last generation started high.
-    assert!(baton.log().contains("from generation 40, frozen for us"));
+    baton.wait_log("from generation 40, frozen for us");
 }
 
 #[test]
@@ -86,11 +86,7 @@ fn a_killed_worker_resumes_from_its_last_checkpoint() {
     baton.wait_serving(2);
     let peek = get(&baton, "/peek");
     assert_eq!(peek["count"], 25, "{peek}");
-    assert!(
-        baton.log().contains("from generation 1's last checkpoint"),
-        "{}",
-        baton.log()
-    );
+    baton.wait_log("from generation 1's last checkpoint");
     assert_eq!(get(&baton, "/")["count"], 26);
 }
 
@@ -119,11 +115,7 @@ fn failed_handover_keeps_the_old_values(baton: &Baton, flags: &str, reason: &str
         Some(5 + report.counts.ok),
         "{peek} after {report}"
     );
-    assert!(
-        baton.log().contains("thaws and serves on"),
-        "{}",
-        baton.log()
-    );
+    baton.wait_log("thaws and serves on");
     assert_eq!(baton.status()["generations"][0]["frozen"], false);
 }
 
