@@ -688,3 +688,72 @@ fn with_a_low_descriptor_limit_reloads_under_load_lose_nothing_and_leak_nothing(
     );
     load.finish().assert_no_failures();
 }
+
+/// baton's children, from `/proc`.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .count()
+}
+
+#[test]
+fn a_snapshot_lost_to_the_descriptor_limit_fails_the_reload_and_the_old_generation_keeps_its_values(
+) {
+    let mut baton = Baton::builder()
+        .args(["--listen", "http=tcp://127.0.0.1:0"])
+        .flagged(bin("counter").to_str().expect("utf-8"), "")
+        .start();
+    let addr = baton.address("http");
+    for _ in 0..25 {
+        json_get(&addr, "/");
+    }
+    // From here on no control connection: nothing of baton's opens or
+    // closes but what the reload does.
+    let pid = baton.pid();
+    let before = fd_count(pid);
+    let soft = soft_nofile(pid);
+    baton.set_flags("--keep-delay 3000");
+    baton.signal(Signal::SIGHUP);
+    let successor = wait_for("generation 2 to run", Duration::from_secs(10), || {
+        children(pid).into_iter().find(|&c| {
+            std::fs::read(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("--keep-delay"))
+        })
+    });
+    // Its start left three descriptors open in baton (notify socket,
+    // channel, exec report) and closed the rest: now baton can open none.
+    wait_for(
+        "the start's own descriptors to close",
+        Duration::from_secs(10),
+        || (fd_count(pid) == before + 3).then_some(()),
+    );
+    prlimit_nofile(pid, &lowest_free_fd(pid).to_string());
+    // Generation 2 asks for the count; generation 1 freezes and sends it;
+    // baton cannot receive the memfd. The reload fails, 1 thaws.
+    wait_for(
+        "generation 2 to be stopped",
+        Duration::from_secs(20),
+        || harness::process_gone(successor).then_some(()),
+    );
+    prlimit_nofile(pid, &soft);
+    let log = baton.wait_log("snapshot did not reach baton");
+    assert!(log.contains("out of descriptors"), "{log}");
+    assert!(log.contains("thaws and serves on"), "{log}");
+    let peek = json_get(&addr, "/peek");
+    assert_eq!(peek["generation"], 1, "{peek}");
+    assert_eq!(peek["count"], 25, "{peek}");
+    json_get(&addr, "/");
+    baton.set_flags("");
+    assert_eq!(baton.reload_ok(), 3);
+    let peek = json_get(&addr, "/peek");
+    assert_eq!(peek["count"], 26, "{peek}");
+    baton.wait_serving(3);
+}

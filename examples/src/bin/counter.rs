@@ -19,6 +19,8 @@
 //! that many bytes of filler, to measure what a large hand-over costs.
 //! `--ready-delay MS` waits that long between taking the count and saying
 //! ready: the wrong order, which baton's `--freeze-timeout` guards against.
+//! `--keep-delay MS` initialises that long before taking the count: the
+//! right order, while the previous generation still serves.
 //!
 //! ```sh
 //! baton run --listen http=tcp://127.0.0.1:8080 -- target/debug/counter
@@ -64,10 +66,11 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `--state-format N`, `--ballast BYTES`, `--ready-delay MS`.
-fn options() -> Result<(u32, usize, u64), String> {
+/// `--state-format N`, `--ballast BYTES`, `--ready-delay MS`,
+/// `--keep-delay MS`.
+fn options() -> Result<(u32, usize, u64, u64), String> {
     let mut args = std::env::args().skip(1);
-    let (mut format, mut ballast, mut delay) = (1, 0, 0);
+    let (mut format, mut ballast, mut delay, mut keep_delay) = (1, 0, 0, 0);
     while let Some(arg) = args.next() {
         let mut number = |flag: &str| -> Result<u64, String> {
             let value = args.next().ok_or(format!("{flag} needs a number"))?;
@@ -85,19 +88,20 @@ fn options() -> Result<(u32, usize, u64), String> {
                     .map_err(|_| "--ballast is too large".to_owned())?;
             }
             "--ready-delay" => delay = number("--ready-delay")?,
+            "--keep-delay" => keep_delay = number("--keep-delay")?,
             other => {
                 return Err(format!(
                     "unknown argument {other:?} (known: --state-format N, --ballast BYTES, \
-                     --ready-delay MS)"
+                     --ready-delay MS, --keep-delay MS)"
                 ))
             }
         }
     }
-    Ok((format, ballast, delay))
+    Ok((format, ballast, delay, keep_delay))
 }
 
 async fn run() -> Result<(), String> {
-    let (format, ballast, ready_delay) = options()?;
+    let (format, ballast, ready_delay, keep_delay) = options()?;
     let worker = Worker::builder()
         .default_listener("http", "tcp://127.0.0.1:3000")
         .state_format(format)
@@ -105,6 +109,9 @@ async fn run() -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let listener = worker.tcp_listener("http").map_err(|e| e.to_string())?;
+    // Slow initialisation (tests: `--keep-delay`), while the previous
+    // generation still serves.
+    tokio::time::sleep(Duration::from_millis(keep_delay)).await;
     // Everything slow is done: take the count (this freezes the previous
     // generation), then say ready.
     let count = worker
