@@ -104,7 +104,10 @@ fn names(dir: &Path) -> Vec<String> {
 /// started with its default control path.
 const PLANTED_LINKS: &str = r#"
 set -u
-baton=$1
+# baton may live under /tmp (a clone there), which the tmpfs hides: keep it
+# open and run it through /proc.
+exec 9< "$1" || { echo "setup: opening baton failed"; exit 89; }
+baton=/proc/self/fd/9
 mount -t tmpfs -o mode=1777 baton-hostile-fs /tmp || { echo "setup: mounting a tmpfs on /tmp failed"; exit 90; }
 # fs.protected_symlinks is global, not per namespace: set to 0 only if it is
 # not already, and put back on every way out.
