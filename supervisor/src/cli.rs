@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
-use crate::control::{self, Request};
+use crate::api::{Reply, Request, Status};
+use crate::control;
 use crate::listener::ListenSpec;
 use crate::spawn::WorkerCommand;
-use crate::supervisor::{self, Config, Readiness};
+use crate::supervisor::{Config, Readiness};
 use crate::Error;
 
 /// Zero-downtime reloads for any server binary.
@@ -200,7 +200,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 program: args.command[0].clone(),
                 argv: args.command.clone(),
             };
-            supervisor::run(Config {
+            crate::run::run(Config {
                 listeners: args.listen,
                 command,
                 control: args.control.path(),
@@ -220,27 +220,30 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             .await
         }
         Command::Reload { wait, control } => {
-            let answer = ask(&control, &Request::Reload { wait }).await?;
-            if !wait {
-                println!("reload requested");
-                return Ok(());
-            }
-            if answer["ok"] == Value::Bool(true) {
-                println!(
-                    "generation {} is serving (reload took {}ms)",
-                    answer["generation"], answer["ms"]
-                );
-                Ok(())
-            } else {
-                Err(Error::ReloadFailed(error_text(&answer)))
+            match ask(&control, &Request::Reload { wait }).await? {
+                Reply::Reload(outcome) if outcome.ok => {
+                    println!(
+                        "generation {} is serving (reload took {}ms)",
+                        outcome.generation, outcome.ms
+                    );
+                    Ok(())
+                }
+                Reply::Reload(outcome) => Err(Error::ReloadFailed(
+                    outcome.error.unwrap_or_else(|| "no reason given".into()),
+                )),
+                _ => {
+                    println!("reload requested");
+                    Ok(())
+                }
             }
         }
         Command::Status { json, control } => {
-            let answer = ask(&control, &Request::Status).await?;
-            if json {
-                println!("{answer}");
-            } else {
-                print!("{}", describe_status(&answer));
+            if let Reply::Status(status) = ask(&control, &Request::Status).await? {
+                if json {
+                    println!("{}", Reply::Status(status).to_json());
+                } else {
+                    print!("{}", describe_status(&status));
+                }
             }
             Ok(())
         }
@@ -252,71 +255,69 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
     }
 }
 
-/// Sends a request; an answer with `"ok": false` that is not a reload's
-/// outcome becomes an error.
-async fn ask(control: &ControlArg, request: &Request) -> Result<Value, Error> {
-    let answer = control::request(&control.path(), request).await?;
-    let is_reload_outcome =
-        matches!(request, Request::Reload { wait: true }) && answer.get("generation").is_some();
-    if answer["ok"] != Value::Bool(true) && !is_reload_outcome {
-        return Err(Error::Refused(error_text(&answer)));
+/// Sends a request; a refusal becomes an error.
+async fn ask(control: &ControlArg, request: &Request) -> Result<Reply, Error> {
+    match control::request(&control.path(), request).await? {
+        Reply::Refused(reason) => Err(Error::Refused(reason)),
+        answer => Ok(answer),
     }
-    Ok(answer)
-}
-
-fn error_text(answer: &Value) -> String {
-    answer["error"]
-        .as_str()
-        .unwrap_or("no reason given")
-        .to_owned()
 }
 
 /// The text form of `baton status`.
-fn describe_status(s: &Value) -> String {
+fn describe_status(s: &Status) -> String {
     let mut out = String::new();
-    let serving = match &s["generation"] {
-        Value::Number(n) => format!("generation {n} serving"),
-        _ => "no generation serving".to_owned(),
+    let serving = match s.generation {
+        Some(n) => format!("generation {n} serving"),
+        None => "no generation serving".to_owned(),
     };
-    out.push_str(&format!("baton (pid {}): {serving}\n", s["pid"]));
-    for l in s["listeners"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "  listener {}: {}\n",
-            l["name"].as_str().unwrap_or("?"),
-            l["address"].as_str().unwrap_or("?")
-        ));
+    out.push_str(&format!("baton (pid {}): {serving}\n", s.pid));
+    for l in &s.listeners {
+        out.push_str(&format!("  listener {}: {}\n", l.name, l.address));
     }
-    for g in s["generations"].as_array().into_iter().flatten() {
-        let status = g["status"]
-            .as_str()
+    for g in &s.generations {
+        let status = g
+            .status
+            .as_ref()
             .map(|t| format!(" - {t}"))
             .unwrap_or_default();
+        let state = serde_json::to_value(g.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let pid = g.pids.first().map_or("?".into(), |p| p.to_string());
         out.push_str(&format!(
-            "  generation {}: {} (pid {}, up {}ms){status}\n",
-            g["generation"],
-            g["state"].as_str().unwrap_or("?"),
-            g["pids"][0],
-            g["age_ms"]
+            "  generation {}: {state} (pid {pid}, up {}ms){status}\n",
+            g.generation, g.age_ms
         ));
     }
-    match &s["last_reload"] {
-        Value::Object(r) if r.get("ok") == Some(&Value::Bool(true)) => {
-            let pause = r["accept_pause_ms"]
-                .as_f64()
+    if let Some(r) = &s.reloading {
+        let step = serde_json::to_value(r.step)
+            .ok()
+            .and_then(|v| v.as_str().map(|s| s.replace('_', " ")))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  reloading to generation {}: {step} for {}ms\n",
+            r.generation, r.ms
+        ));
+    }
+    match &s.last_reload {
+        Some(r) if r.ok => {
+            let pause = r
+                .accept_pause_ms
                 .map(|ms| format!(", kept values handed over with {ms:.1}ms of accept pause"))
                 .unwrap_or_default();
             out.push_str(&format!(
                 "  last reload: generation {} ok in {}ms{pause}\n",
-                r["generation"], r["ms"]
+                r.generation, r.ms
             ))
         }
-        Value::Object(r) => out.push_str(&format!(
+        Some(r) => out.push_str(&format!(
             "  last reload: generation {} FAILED after {}ms: {}\n",
-            r["generation"],
-            r["ms"],
-            r["error"].as_str().unwrap_or("?")
+            r.generation,
+            r.ms,
+            r.error.as_deref().unwrap_or("?")
         )),
-        _ => out.push_str("  last reload: none yet\n"),
+        None => out.push_str("  last reload: none yet\n"),
     }
     out
 }

@@ -6,8 +6,13 @@
 //!
 //! The major components are:
 //!
+//! * [`run`]: `baton run`: start-up, then the event loop until it is done.
 //! * [`supervisor`]: the event loop that owns the generation table and runs
-//!   the reload sequence; [`supervisor::run`] is `baton run`.
+//!   the reload sequence, through a [`host::Host`] (the outside world;
+//!   [`host::OsHost`] is the real one, tests use a fake).
+//! * [`event`]: everything the loop reacts to; [`api`]: the control
+//!   requests and answers, shared with the client.
+//! * [`generations`]: the generation table; [`build`]: the `--build` step.
 //! * [`listener`]: `--listen` parsing and binding the kept sockets.
 //! * [`spawn`]: a worker's command line, environment and descriptors;
 //!   `sys` holds the fork/exec, the crate's only unsafe code.
@@ -21,11 +26,17 @@
 //!
 //! The binary (`main.rs`) only parses arguments and maps errors to exit codes.
 
+pub mod api;
+pub mod build;
 pub mod cli;
 pub mod control;
+pub mod event;
+pub mod generations;
+pub mod host;
 pub mod listener;
 pub mod logging;
 pub mod notify;
+pub mod run;
 pub mod spawn;
 pub mod state;
 pub mod supervisor;

@@ -25,41 +25,11 @@ use tokio::io::Interest;
 use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 
-use crate::supervisor::Event;
+use crate::event::{Event, NotifyMessage};
 
 /// The largest notify datagram read; systemd allows more, but no state we act
 /// on is near this size. Longer datagrams are cut, never misread as others.
 const MAX_DATAGRAM: usize = 16 * 1024;
-
-/// What one notify datagram said, as far as baton cares.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct NotifyMessage {
-    /// `READY=1`
-    pub ready: bool,
-    /// `STOPPING=1`: logged, never forwarded.
-    pub stopping: bool,
-    /// `STATUS=...`
-    pub status: Option<String>,
-    /// `ERRNO=...`
-    pub errno: Option<String>,
-}
-
-impl NotifyMessage {
-    /// Parses the newline-separated `KEY=VALUE` assignments of one datagram.
-    pub fn parse(datagram: &[u8]) -> NotifyMessage {
-        let mut msg = NotifyMessage::default();
-        for line in String::from_utf8_lossy(datagram).lines() {
-            match line.split_once('=') {
-                Some(("READY", "1")) => msg.ready = true,
-                Some(("STOPPING", "1")) => msg.stopping = true,
-                Some(("STATUS", text)) => msg.status = Some(text.to_owned()),
-                Some(("ERRNO", n)) => msg.errno = Some(n.to_owned()),
-                _ => {}
-            }
-        }
-        msg
-    }
-}
 
 /// Reads generation `generation`'s notify socket until the loop goes away;
 /// only datagrams sent by `uid` or root count.
@@ -199,23 +169,3 @@ fn notify_addr(path: &[u8]) -> io::Result<std::os::unix::net::SocketAddr> {
 }
 
 use std::os::unix::ffi::OsStrExt;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_assignments_baton_acts_on() {
-        let m = NotifyMessage::parse(b"READY=1\nSTATUS=serving 3 clients\nMAINPID=9\n");
-        assert!(m.ready);
-        assert_eq!(m.status.as_deref(), Some("serving 3 clients"));
-        assert!(!m.stopping);
-        let m = NotifyMessage::parse(b"READY=0\nSTOPPING=1");
-        assert!(!m.ready);
-        assert!(m.stopping);
-        assert_eq!(
-            NotifyMessage::parse(b"\xff\xfe garbage"),
-            NotifyMessage::default()
-        );
-    }
-}

@@ -18,7 +18,7 @@ use std::time::Duration;
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
-use crate::supervisor::Event;
+use crate::event::Event;
 use crate::Error;
 
 /// The running watcher; dropping it stops watching.

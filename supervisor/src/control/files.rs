@@ -1,35 +1,24 @@
-//! The control socket: how `baton reload`, `baton status` and `baton stop`
-//! reach a running supervisor.
+//! The control socket's files: where they go, and making them safely.
 //!
-//! One request per connection: a JSON object on one line
-//! (`{"command":"reload","wait":true}`, `{"command":"status"}`,
-//! `{"command":"stop"}`), answered by one JSON line with `"ok"` and either the
-//! result or `"error"`. Every peer's uid is checked with `SO_PEERCRED` (root
-//! or baton's own), requests are bounded in size and time, and connections
-//! in number (the oldest silent one makes room for a new one), so garbage or
-//! a crowd of idle clients never stops baton or its answers.
+//! The socket (mode 0600, bound under a temporary name and renamed into
+//! place) and its lock file (so two batons never share one) live in a
+//! directory that must be baton's user's and writable by no one else (a
+//! missing one is created mode 0700). It is opened once, `O_NOFOLLOW`, and
+//! every later step (lock file, bind, rename, unlink) goes through that
+//! descriptor. A path that does not fit a Unix socket address is refused
+//! before anything is created.
 //!
-//! It owns the control directory's files: the socket (mode 0600, bound under
-//! a temporary name and renamed into place) and its lock file (so two
-//! batons never share one). The directory must be baton's user's and
-//! writable by no one else (a missing one is created mode 0700); it is
-//! opened once, `O_NOFOLLOW`, and every later step (lock file, bind, rename,
-//! unlink) goes through that descriptor. A path that does not fit a Unix
-//! socket address is refused before anything is created.
-//!
-//! This module never touches supervisor state (requests become events), and
-//! never follows a symlink in the control directory, the directory itself
-//! included.
+//! This module never follows a symlink in the control directory, the
+//! directory itself included, and never speaks the control protocol
+//! (`control/mod.rs` does).
 
-use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{open, openat, renameat, AtFlags, Flock, FlockArg, OFlag};
@@ -37,45 +26,8 @@ use nix::sys::stat::{
     fchmod, fchmodat, fstat, fstatat, lstat, umask, FchmodatFlags, FileStat, Mode, SFlag,
 };
 use nix::unistd::{geteuid, mkdir, unlinkat, UnlinkatFlags};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::supervisor::Event;
 use crate::Error;
-
-/// The longest request line accepted.
-const MAX_REQUEST: u64 = 4096;
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How many requests are answered at once; more are refused.
-const MAX_CONNECTIONS: usize = 64;
-/// How many connections may be sending their request at once; past this the
-/// oldest is dropped.
-const MAX_PENDING: usize = 128;
-
-/// A request on the control socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "snake_case")]
-pub enum Request {
-    /// Start a reload; with `wait`, answer once it has succeeded or failed.
-    Reload {
-        /// Answer only when the reload is over.
-        #[serde(default)]
-        wait: bool,
-    },
-    /// Describe the generations and the last reload.
-    Status,
-    /// Drain every generation and exit; answered when done. Repeating it
-    /// waits for the same drain; only `now` kills.
-    Stop {
-        /// Kill every worker now instead of letting them drain.
-        #[serde(default)]
-        now: bool,
-    },
-}
 
 /// Where the control socket goes when `--control` and `BATON_CONTROL` are
 /// not given: `$RUNTIME_DIRECTORY/baton.sock` (systemd's
@@ -105,9 +57,10 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// again before giving up.
 const LOCK_ATTEMPTS: usize = 8;
 
-/// The bound control socket; removes its files when dropped.
+/// The control socket's files: the socket and its lock, in a directory that
+/// was checked; removed when dropped.
 #[derive(Debug)]
-pub struct ControlSocket {
+pub struct ControlFiles {
     path: PathBuf,
     /// The directory holding the socket and the lock file: every operation
     /// on them goes through this descriptor, never through the path again.
@@ -116,15 +69,12 @@ pub struct ControlSocket {
     name: OsString,
     /// The lock file's name in `dir` (`<name>.lock`).
     lock_name: OsString,
-    /// One permit per connection being served; `finish` takes them all.
-    slots: Arc<Semaphore>,
-    listener: Option<std::os::unix::net::UnixListener>,
     /// Held for baton's life; released (after `Drop` unlinks the files) when
     /// the field is dropped.
     _lock: Flock<File>,
 }
 
-impl ControlSocket {
+impl ControlFiles {
     /// Creates the socket at `path`, refusing if a live baton holds it and
     /// replacing what a dead one left.
     ///
@@ -134,7 +84,7 @@ impl ControlSocket {
     /// 0700); a lock file that is a symlink, not a regular file of baton's
     /// user, or has other hard links; something other than a socket at
     /// `path`.
-    pub fn bind(path: &Path) -> Result<ControlSocket, Error> {
+    pub fn create(path: &Path) -> Result<(ControlFiles, UnixListener), Error> {
         check_length(path)?;
         let refuse = |reason: String| Error::ControlRefused {
             path: path.to_path_buf(),
@@ -161,48 +111,23 @@ impl ControlSocket {
                 return Err(p.into_error(path));
             }
         };
-        Ok(ControlSocket {
+        let files = ControlFiles {
             path: path.to_path_buf(),
             dir,
             name,
             lock_name,
-            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            listener: Some(listener),
             _lock: lock,
-        })
+        };
+        Ok((files, listener))
     }
 
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    /// Serves connections, sending each request to the loop as an event.
-    /// Runs until the loop goes away.
-    pub fn serve(&mut self, events: mpsc::Sender<Event>) -> Result<(), Error> {
-        let std_listener = self.listener.take().ok_or_else(|| Error::Control {
-            path: self.path.clone(),
-            what: "serving".into(),
-            source: io::Error::other("already serving"),
-        })?;
-        let listener = UnixListener::from_std(std_listener).map_err(|e| Error::Control {
-            path: self.path.clone(),
-            what: "serving".into(),
-            source: e,
-        })?;
-        tokio::spawn(accept_loop(listener, self.slots.clone(), events));
-        Ok(())
-    }
-
-    /// Lets connections that are writing their answer (say, to `baton stop`)
-    /// finish, for at most `limit`, before the runtime goes away.
-    pub async fn finish(&self, limit: Duration) {
-        let all = MAX_CONNECTIONS as u32;
-        let _ = tokio::time::timeout(limit, self.slots.acquire_many(all)).await;
-    }
 }
 
-impl Drop for ControlSocket {
+impl Drop for ControlFiles {
     fn drop(&mut self) {
         // Still holding the lock: no other baton can have taken the names.
         let _ = unlinkat(
@@ -219,7 +144,7 @@ impl Drop for ControlSocket {
 }
 
 /// Refuses a control path that does not fit in a Unix socket address.
-fn check_length(path: &Path) -> Result<(), Error> {
+pub fn check_length(path: &Path) -> Result<(), Error> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(Error::ControlRefused {
@@ -234,10 +159,7 @@ fn check_length(path: &Path) -> Result<(), Error> {
 
 /// Binds the socket in `dir` under a temporary name and renames it to
 /// `name`, replacing only a socket a dead baton left there.
-fn place_socket(
-    dir: &ControlDir,
-    name: &OsStr,
-) -> Result<std::os::unix::net::UnixListener, Problem> {
+fn place_socket(dir: &ControlDir, name: &OsStr) -> Result<UnixListener, Problem> {
     let shown = dir.path.join(name);
     // Only a socket (a dead baton's) is replaced: `--control` aimed at some
     // other file must not clobber it.
@@ -263,7 +185,7 @@ fn place_socket(
     // With this umask the socket is born 0600: no window in which others
     // may connect.
     let old = umask(Mode::from_bits_truncate(0o177));
-    let bound = std::os::unix::net::UnixListener::bind(&via_fd);
+    let bound = UnixListener::bind(&via_fd);
     umask(old);
     let listener = bound.map_err(|e| Problem::Io(format!("binding it as {via_fd}"), e))?;
     let placed = listener
@@ -517,166 +439,4 @@ fn writable_by(mode: libc::mode_t) -> Option<&'static str> {
 
 fn file_type(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
-}
-
-async fn accept_loop(listener: UnixListener, slots: Arc<Semaphore>, events: mpsc::Sender<Event>) {
-    let me = nix::unistd::geteuid().as_raw();
-    // Connections still sending their request. When there are too many, the
-    // oldest is dropped: a crowd of idle clients churns through here while a
-    // real client, which sends its request at once, is answered.
-    let mut pending: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // EMFILE and friends: say so, then keep serving.
-                tracing::warn!("control socket: accepting a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        if events.is_closed() {
-            return;
-        }
-        let uid = stream.peer_cred().map(|c| c.uid());
-        match uid {
-            Ok(uid) if uid == 0 || uid == me => {}
-            Ok(uid) => {
-                tracing::warn!("control socket: refused a connection from uid {uid}");
-                let answer = error(&format!("uid {uid} may not control this baton"));
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let _ = reply(&mut stream, &answer).await;
-                });
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!("control socket: reading the peer's credentials: {e}");
-                continue;
-            }
-        }
-        pending.retain(|task| !task.is_finished());
-        if pending.len() >= MAX_PENDING {
-            if let Some(oldest) = pending.pop_front() {
-                oldest.abort();
-            }
-        }
-        let reader = tokio::spawn(read_request(stream, slots.clone(), events.clone()));
-        pending.push_back(reader.abort_handle());
-    }
-}
-
-/// Reads one request (bounded in size and time), then hands it to a task of
-/// its own that holds one of the answer slots until it has answered.
-async fn read_request(mut stream: UnixStream, slots: Arc<Semaphore>, events: mpsc::Sender<Event>) {
-    let mut line = String::new();
-    let read = {
-        let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST + 1));
-        tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await
-    };
-    let request = match read {
-        Err(_) => Err("no request within 5s".to_owned()),
-        Ok(Err(e)) => Err(format!("reading the request: {e}")),
-        Ok(Ok(n)) if n as u64 > MAX_REQUEST => {
-            Err(format!("request longer than {MAX_REQUEST} bytes"))
-        }
-        Ok(Ok(_)) => serde_json::from_str::<Request>(line.trim()).map_err(|e| {
-            format!(
-                "malformed request {:?}: {e}",
-                line.trim().chars().take(60).collect::<String>()
-            )
-        }),
-    };
-    let request = match request {
-        Ok(request) => request,
-        Err(message) => {
-            let _ = reply(&mut stream, &error(&message)).await;
-            return;
-        }
-    };
-    // Answers that wait (a reload's outcome, a stop) hold a slot; a status
-    // is answered at once and needs none, so waiters never crowd it out.
-    let waits = matches!(
-        request,
-        Request::Reload { wait: true } | Request::Stop { .. }
-    );
-    let slot = if waits {
-        match slots.try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            Err(_) => {
-                let message = "too many control requests at once; try again";
-                let _ = reply(&mut stream, &error(message)).await;
-                return;
-            }
-        }
-    } else {
-        None
-    };
-    // Not aborted with the readers: a `reload --wait` may take a while.
-    tokio::spawn(async move {
-        let (tx, rx) = oneshot::channel();
-        let answer = if events
-            .send(Event::Control { request, reply: tx })
-            .await
-            .is_err()
-        {
-            error("baton is shutting down")
-        } else {
-            rx.await.unwrap_or_else(|_| error("baton is shutting down"))
-        };
-        let _ = reply(&mut stream, &answer).await;
-        drop(slot);
-    });
-}
-
-/// An error answer.
-pub fn error(message: &str) -> Value {
-    json!({ "ok": false, "error": message })
-}
-
-async fn reply(stream: &mut UnixStream, value: &Value) -> io::Result<()> {
-    let mut line = value.to_string();
-    line.push('\n');
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(line.as_bytes()))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client is not reading"))??;
-    stream.shutdown().await
-}
-
-/// Sends `request` to the baton at `path` and returns its answer (client
-/// side, for `baton reload|status|stop`).
-pub async fn request(path: &Path, request: &Request) -> Result<Value, Error> {
-    check_length(path)?;
-    let err = |what: &str, source: io::Error| Error::Control {
-        path: path.to_path_buf(),
-        what: what.to_owned(),
-        source,
-    };
-    let mut stream = UnixStream::connect(path)
-        .await
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => Error::NotRunning {
-                path: path.to_path_buf(),
-            },
-            _ => err("connecting", e),
-        })?;
-    let mut line = serde_json::to_string(request).map_err(|e| err("encoding", e.into()))?;
-    line.push('\n');
-    // baton may answer (a refusal) and close before reading the request:
-    // then the answer is what counts, not the failed write.
-    let sent = stream.write_all(line.as_bytes()).await;
-    let mut answer = String::new();
-    let read = BufReader::new(stream).read_line(&mut answer).await;
-    match (sent, read) {
-        (_, Ok(n)) if n > 0 => {}
-        (Err(e), _) => return Err(err("sending the request", e)),
-        (Ok(()), Err(e)) => return Err(err("reading the answer", e)),
-        (Ok(()), Ok(_)) => {
-            return Err(err(
-                "reading the answer",
-                io::Error::new(io::ErrorKind::UnexpectedEof, "baton closed the connection"),
-            ))
-        }
-    }
-    serde_json::from_str(&answer).map_err(|e| err("reading the answer", e.into()))
 }

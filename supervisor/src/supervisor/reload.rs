@@ -1,0 +1,608 @@
+//! A reload from its trigger to its outcome, and the crash restart beside it.
+//!
+//! At most one reload is in flight ([`InFlight`]); where it stands is one
+//! [`Step`]: building, starting, awaiting the frozen predecessor's snapshot
+//! (possibly already ready), or starting with its kept values. Triggers
+//! during a reload coalesce into one queued reload with every waiter. A
+//! serving generation that dies is replaced by a crash restart after a
+//! back-off, beside any reload in flight: whichever is ready first serves.
+//! The old generation is told to drain only here, in `on_ready`, once its
+//! successor is ready.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::Supervisor;
+use crate::api::{self, ReloadOutcome, Reply};
+use crate::build::{self, Build};
+use crate::event::Event;
+use crate::generations::Phase;
+use crate::host::Host;
+
+/// Smallest and largest delay before restarting a crashed worker.
+const RESTART_MIN: Duration = Duration::from_millis(100);
+const RESTART_MAX: Duration = Duration::from_secs(10);
+/// A worker that served this long before crashing restarts without delay
+/// growth: its crash is news, not a loop.
+pub(super) const HEALTHY_FOR: Duration = Duration::from_secs(10);
+
+/// Someone waiting for a reload's outcome (`baton reload --wait`).
+pub(super) type Waiter = oneshot::Sender<Reply>;
+
+/// Why a generation is started by a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    /// The first generation: its failure ends `baton run`.
+    First,
+    /// A reload of a serving generation.
+    Reload,
+}
+
+/// Where an in-flight reload stands.
+#[derive(Debug)]
+pub(super) enum Step {
+    /// `--build` runs; the generation starts once it exited 0 and its output
+    /// ended.
+    Building(Build),
+    /// The generation runs, is not ready, and has no predecessor frozen for
+    /// it.
+    Starting,
+    /// Generation `from` froze for it at `since` and has not sent its kept
+    /// values yet; `ready` if the new one already said ready (it serves once
+    /// they are sent).
+    AwaitingSnapshot {
+        from: u64,
+        since: Instant,
+        ready: bool,
+    },
+    /// It has the kept values of `from`, frozen since `since`, and is not
+    /// ready yet.
+    WithState { from: u64, since: Instant },
+}
+
+impl Step {
+    /// The step as `status` names it.
+    pub(super) fn name(&self) -> api::Step {
+        match self {
+            Step::Building(_) => api::Step::Building,
+            Step::Starting => api::Step::Starting,
+            Step::AwaitingSnapshot { ready: false, .. } => api::Step::AwaitingSnapshot,
+            Step::AwaitingSnapshot { ready: true, .. } => api::Step::ReadyPending,
+            Step::WithState { .. } => api::Step::StartingWithState,
+        }
+    }
+
+    /// The frozen predecessor: `(from, since, answered)`.
+    pub(super) fn frozen(&self) -> Option<(u64, Instant, bool)> {
+        match *self {
+            Step::AwaitingSnapshot { from, since, .. } => Some((from, since, false)),
+            Step::WithState { from, since } => Some((from, since, true)),
+            _ => None,
+        }
+    }
+}
+
+/// The reload (or first start) in progress.
+#[derive(Debug)]
+pub(super) struct InFlight {
+    /// The generation it starts (reserved while it builds).
+    pub generation: u64,
+    pub purpose: Purpose,
+    pub started: Instant,
+    pub waiters: Vec<Waiter>,
+    pub step: Step,
+}
+
+/// Crash restarts: the back-off, and the replacement while it starts.
+#[derive(Debug)]
+pub(super) struct Restart {
+    pub delay: Duration,
+    /// Tells a current back-off timer from stale ones.
+    pub seq: u64,
+    /// The timer numbered `seq` runs.
+    pub armed: bool,
+    /// The replacement, while it starts: it starts beside any reload in
+    /// flight (a reload may build for minutes, and nothing accepts
+    /// meanwhile).
+    pub starting: Option<(u64, Instant)>,
+}
+
+impl Default for Restart {
+    fn default() -> Restart {
+        Restart {
+            delay: RESTART_MIN,
+            seq: 0,
+            armed: false,
+            starting: None,
+        }
+    }
+}
+
+/// Everything about reloads the loop keeps.
+#[derive(Debug, Default)]
+pub(super) struct Reloads {
+    pub in_flight: Option<InFlight>,
+    /// A reload asked for while another runs: at most one, with every
+    /// waiter.
+    pub queued: Option<Vec<Waiter>>,
+    pub restart: Restart,
+    /// How the last reload (or restart) ended.
+    pub last: Option<api::LastReload>,
+    pub counts: api::ReloadCounts,
+    /// The first generation has served.
+    pub ever_served: bool,
+}
+
+impl Reloads {
+    /// The in-flight reload's generation, if it is `number`.
+    pub(super) fn in_flight_is(&self, number: u64) -> bool {
+        self.in_flight
+            .as_ref()
+            .is_some_and(|f| f.generation == number)
+    }
+
+    /// The crash restart's generation, if it is `number`.
+    pub(super) fn restarting_is(&self, number: u64) -> bool {
+        self.restart.starting.is_some_and(|(r, _)| r == number)
+    }
+}
+
+impl<H: Host> Supervisor<H> {
+    /// Starts a reload now, or queues one (coalescing with any queued one).
+    pub(super) fn request_reload(&mut self, waiter: Option<Waiter>) {
+        if self.stopping {
+            if let Some(w) = waiter {
+                let _ = w.send(Reply::Refused("baton is stopping".into()));
+            }
+            return;
+        }
+        self.reloads
+            .queued
+            .get_or_insert_with(Vec::new)
+            .extend(waiter);
+        self.start_queued();
+    }
+
+    /// Starts the queued reload if nothing blocks it: no reload in flight
+    /// and fewer than `--max-draining` generations draining.
+    pub(super) fn start_queued(&mut self) {
+        if self.stopping || self.reloads.in_flight.is_some() || self.reloads.queued.is_none() {
+            return;
+        }
+        let draining = self.generations.numbers_in(Phase::Draining).len();
+        if draining >= self.config.max_draining {
+            tracing::info!(
+                "reload waits: {draining} old generations are still draining \
+                 (at most {} at once)",
+                self.config.max_draining
+            );
+            return;
+        }
+        let waiters = self.reloads.queued.take().unwrap_or_default();
+        // A triggered reload is a reload (it builds, systemd hears of it)
+        // even while a crashed worker waits for its restart or restarts.
+        let purpose = if self.reloads.ever_served {
+            Purpose::Reload
+        } else {
+            Purpose::First
+        };
+        self.begin_reload(purpose, waiters);
+    }
+
+    /// Starts a reload (or the first start): the build first if there is
+    /// one, then the new generation.
+    pub(super) fn begin_reload(&mut self, purpose: Purpose, waiters: Vec<Waiter>) {
+        let number = self.next_generation;
+        self.next_generation += 1;
+        if purpose == Purpose::Reload {
+            self.host
+                .systemd_reloading(&format!("reloading to generation {number}"));
+        }
+        let script = self.config.build.clone();
+        let step = match &script {
+            None => Step::Starting,
+            Some(script) => match self.host.spawn_build(number, script) {
+                Ok(pid) => {
+                    tracing::info!("building: {script} (pid {pid})");
+                    Step::Building(Build::new(pid))
+                }
+                Err(e) => {
+                    self.reloads.in_flight = Some(InFlight {
+                        generation: number,
+                        purpose,
+                        started: Instant::now(),
+                        waiters,
+                        step: Step::Starting,
+                    });
+                    self.finish_in_flight(number, Err(format!("build `{script}`: {e}")));
+                    return;
+                }
+            },
+        };
+        let building = matches!(step, Step::Building(_));
+        self.reloads.in_flight = Some(InFlight {
+            generation: number,
+            purpose,
+            started: Instant::now(),
+            waiters,
+            step,
+        });
+        if !building {
+            self.spawn_generation(number);
+        }
+    }
+
+    /// The build's output ended.
+    pub(super) fn on_build_output(&mut self, number: u64, tail: String) {
+        if let Some(build) = self.building(number) {
+            build.tail = Some(tail);
+            self.finish_build();
+        }
+    }
+
+    /// The build exited a second ago and something it left holds its
+    /// output: go on without the tail.
+    pub(super) fn on_build_output_late(&mut self, number: u64) {
+        if let Some(build) = self.building(number).filter(|b| b.tail.is_none()) {
+            build.tail = Some("(its output is still held open by a process it left behind)".into());
+            self.host.abandon_build_output(number);
+            self.finish_build();
+        }
+    }
+
+    /// The in-flight build, if it is generation `number`'s.
+    fn building(&mut self, number: u64) -> Option<&mut Build> {
+        match self.reloads.in_flight.as_mut() {
+            Some(InFlight {
+                generation,
+                step: Step::Building(build),
+                ..
+            }) if *generation == number => Some(build),
+            _ => None,
+        }
+    }
+
+    /// The build process exited.
+    pub(super) fn on_build_exit(&mut self, exit: crate::event::Exit) {
+        let Some(f) = self.reloads.in_flight.as_mut() else {
+            return;
+        };
+        let number = f.generation;
+        let Step::Building(build) = &mut f.step else {
+            return;
+        };
+        let failure = self.host.exec_failure(build.pid);
+        build.exited(exit, failure);
+        // Whatever the build left running would hold its output open.
+        self.host.kill(build.pid);
+        // Something it left in another process group still could: give the
+        // output a moment to end, then go on without its tail.
+        self.host.arm(
+            build::OUTPUT_GRACE,
+            Event::BuildOutputLate { generation: number },
+        );
+        self.finish_build();
+    }
+
+    /// Once the build has exited and its output ended: start the generation
+    /// if it succeeded, else fail the reload with the output's tail.
+    fn finish_build(&mut self) {
+        let Some(f) = self.reloads.in_flight.as_mut() else {
+            return;
+        };
+        let number = f.generation;
+        let over = matches!(&f.step, Step::Building(b) if b.is_over());
+        if !over {
+            return;
+        }
+        let Step::Building(build) = std::mem::replace(&mut f.step, Step::Starting) else {
+            return;
+        };
+        let took = humantime::format_duration(Duration::from_millis(
+            build.started.elapsed().as_millis() as u64,
+        ));
+        let script = self.config.build.clone().unwrap_or_default();
+        match (build.exit, build.tail) {
+            (Some(Ok(())), _) => {
+                tracing::info!("build succeeded in {took}");
+                self.spawn_generation(number);
+            }
+            (Some(Err(how)), tail) => {
+                let tail = tail.unwrap_or_default();
+                let reason =
+                    format!("build `{script}` {how} after {took}; its output ends:\n{tail}");
+                self.finish_in_flight(number, Err(reason));
+            }
+            (None, _) => {}
+        }
+    }
+
+    /// Starts generation `number`, the in-flight reload's.
+    fn spawn_generation(&mut self, number: u64) {
+        if !self.reloads.in_flight_is(number) {
+            return;
+        }
+        match self.host.spawn_worker(number) {
+            Ok(pid) => self.add_generation(number, pid),
+            Err(reason) => self.finish_in_flight(number, Err(reason)),
+        }
+    }
+
+    /// The back-off after a crash is over.
+    pub(super) fn on_restart_due(&mut self, seq: u64) {
+        if seq != self.reloads.restart.seq {
+            return;
+        }
+        self.reloads.restart.armed = false;
+        if self.stopping
+            || self.reloads.restart.starting.is_some()
+            || self.generations.serving().is_some()
+        {
+            return;
+        }
+        // It reruns what served, without building.
+        let number = self.next_generation;
+        self.next_generation += 1;
+        match self.host.spawn_worker(number) {
+            Ok(pid) => {
+                self.add_generation(number, pid);
+                self.reloads.restart.starting = Some((number, Instant::now()));
+            }
+            Err(reason) => {
+                tracing::error!("restarting the worker as generation {number}: {reason}");
+                self.schedule_restart();
+            }
+        }
+    }
+
+    /// The starting generation is ready: it serves, and only now are the
+    /// generations it replaces told to drain.
+    pub(super) fn on_ready(&mut self, number: u64, how: &str) {
+        if !self.is(number, Phase::Starting) {
+            return;
+        }
+        if let Some(InFlight {
+            generation,
+            step: Step::AwaitingSnapshot { ready, .. },
+            ..
+        }) = self.reloads.in_flight.as_mut()
+        {
+            if *generation == number {
+                // Draining the frozen generation now would lose its values.
+                *ready = true;
+                return;
+            }
+        }
+        let restart = self.reloads.restarting_is(number);
+        if restart && self.generations.serving().is_some() {
+            // A reload served first: this restart is not needed.
+            self.reloads.restart.starting = None;
+            self.begin_drain(number, "a reload replaced the crashed worker first");
+            return;
+        }
+        let Some(g) = self.generations.get_mut(number) else {
+            return;
+        };
+        g.phase = Phase::Serving;
+        g.serving_since = Some(Instant::now());
+        let timers = std::mem::take(&mut g.timers);
+        tracing::info!("generation {number} (pid {}) is ready ({how})", g.pid);
+        for timer in timers {
+            self.host.cancel(timer);
+        }
+        for old in self.generations.numbers_in(Phase::Serving) {
+            if old != number {
+                self.begin_drain(old, "replaced");
+            }
+        }
+        if restart {
+            self.on_restarted(number);
+            return;
+        }
+        if let Some((r, _)) = self.reloads.restart.starting.take() {
+            // A crash restart still starting beside this reload.
+            self.begin_drain(r, &format!("generation {number} serves first"));
+        }
+        let pause = self
+            .reloads
+            .in_flight
+            .as_ref()
+            .filter(|f| f.generation == number)
+            .and_then(|f| f.step.frozen())
+            .map(|(_, since, _)| since.elapsed());
+        self.finish_in_flight(number, Ok(()));
+        if let (Some(pause), Some(r)) = (pause, self.reloads.last.as_mut()) {
+            r.accept_pause_ms = Some(pause.as_secs_f64() * 1000.0);
+        }
+    }
+
+    /// The crash restart `number` serves. A reload in progress whose
+    /// generation already took kept values took values older than the ones
+    /// this generation serves from now on: it starts over.
+    fn on_restarted(&mut self, number: u64) {
+        let Some((_, started)) = self.reloads.restart.starting.take() else {
+            return;
+        };
+        self.record(number, None, started, Ok(()));
+        self.host
+            .systemd(&format!("READY=1\nSTATUS=serving generation {number}"));
+        let stale = self.reloads.in_flight.as_ref().and_then(|f| {
+            self.generations
+                .get(f.generation)
+                .filter(|g| g.took_state)
+                .map(|g| g.number)
+        });
+        if let Some(reload) = stale {
+            let waiters = self
+                .reloads
+                .in_flight
+                .as_mut()
+                .map(|f| std::mem::take(&mut f.waiters))
+                .unwrap_or_default();
+            self.reloads
+                .queued
+                .get_or_insert_with(Vec::new)
+                .extend(waiters);
+            self.fail_starting(
+                reload,
+                format!(
+                    "generation {number} restarted after a crash while it started, and serves \
+                     newer kept values than the ones it took; reloading again"
+                ),
+            );
+        }
+        self.start_queued();
+    }
+
+    /// Records how a reload (or restart) ended, for `status`.
+    fn record(
+        &mut self,
+        number: u64,
+        purpose: Option<Purpose>,
+        started: Instant,
+        result: Result<(), &String>,
+    ) {
+        if purpose != Some(Purpose::First) || result.is_err() {
+            self.reloads.last = Some(api::LastReload {
+                generation: number,
+                ok: result.is_ok(),
+                error: result.err().cloned(),
+                ms: started.elapsed().as_millis() as u64,
+                accept_pause_ms: None,
+            });
+        }
+    }
+
+    /// The crash restart `number` failed to start: try again after the
+    /// back-off.
+    fn restart_failed(&mut self, number: u64, reason: String) {
+        let Some((_, started)) = self.reloads.restart.starting.take_if(|(r, _)| *r == number)
+        else {
+            return;
+        };
+        tracing::error!("generation {number} failed: {reason}");
+        self.record(number, None, started, Err(&reason));
+        self.host.systemd(&format!(
+            "READY=1\nSTATUS=generation {number} failed to start"
+        ));
+        self.schedule_restart();
+        self.start_queued();
+    }
+
+    /// Ends the in-flight start of generation `number`: records the result,
+    /// answers its waiters, and moves on (queued reload, restart, or exit).
+    pub(super) fn finish_in_flight(&mut self, number: u64, result: Result<(), String>) {
+        let Some(in_flight) = self.reloads.in_flight.take_if(|f| f.generation == number) else {
+            return;
+        };
+        if let Step::Building(build) = &in_flight.step {
+            // Stopped mid-build: the build goes, with whatever it started.
+            self.host.kill(build.pid);
+            self.host.abandon_build_output(number);
+        }
+        let ms = in_flight.started.elapsed().as_millis() as u64;
+        let reload = in_flight.purpose == Purpose::Reload;
+        match &result {
+            Ok(()) => {
+                self.reloads.ever_served = true;
+                self.reloads.counts.ok += u64::from(reload);
+            }
+            Err(reason) => {
+                self.reloads.counts.failed += u64::from(reload);
+                tracing::error!("generation {number} failed: {reason}");
+                if let Some((from, _, _)) = in_flight.step.frozen() {
+                    self.thaw(from);
+                }
+            }
+        }
+        self.record(
+            number,
+            Some(in_flight.purpose),
+            in_flight.started,
+            result.as_ref().map(|_| ()),
+        );
+        let outcome = ReloadOutcome {
+            ok: result.is_ok(),
+            generation: number,
+            ms,
+            error: result.as_ref().err().cloned(),
+        };
+        for waiter in in_flight.waiters {
+            let _ = waiter.send(Reply::Reload(outcome.clone()));
+        }
+        let status = match (&result, self.generations.serving()) {
+            (Ok(()), _) => format!("serving generation {number}"),
+            (Err(_), Some(s)) => {
+                format!("serving generation {s}; generation {number} failed to start")
+            }
+            (Err(_), None) => format!("generation {number} failed to start"),
+        };
+        // READY=1 after every reload, success or failure (systemd waits for
+        // it); never for a first start that failed.
+        if reload || result.is_ok() {
+            self.host.systemd(&format!("READY=1\nSTATUS={status}"));
+        }
+        match (result, in_flight.purpose) {
+            (Ok(()), _) => {}
+            // Stopped while starting: that is the stop, not a failure.
+            (Err(_), Purpose::First) if self.stopping => return,
+            (Err(reason), Purpose::First) => {
+                self.fatal = Some(format!("generation {number}: {reason}"));
+                self.begin_stop();
+                return;
+            }
+            (Err(_), Purpose::Reload) => self.schedule_restart(),
+        }
+        self.start_queued();
+    }
+
+    /// A starting generation failed: stop it (it may have accepted
+    /// connections already, so drain first), and report why.
+    pub(super) fn fail_starting(&mut self, number: u64, reason: String) {
+        self.begin_drain(number, "failed to start");
+        self.start_failed(number, reason);
+    }
+
+    /// A starting generation failed (it is draining or gone).
+    pub(super) fn start_failed(&mut self, number: u64, reason: String) {
+        if self.reloads.restarting_is(number) {
+            self.restart_failed(number, reason);
+        } else {
+            self.finish_in_flight(number, Err(reason));
+        }
+    }
+
+    /// With no generation serving, start one after the back-off, beside any
+    /// reload in progress.
+    pub(super) fn schedule_restart(&mut self) {
+        let restart = &mut self.reloads.restart;
+        if self.stopping
+            || restart.armed
+            || restart.starting.is_some()
+            || self.generations.serving().is_some()
+        {
+            return;
+        }
+        restart.armed = true;
+        restart.seq += 1;
+        // Each restart in a row waits twice as long as the one before.
+        let delay = restart.delay;
+        restart.delay = (delay * 2).min(RESTART_MAX);
+        let seq = restart.seq;
+        tracing::info!(
+            "restarting the worker in {}",
+            humantime::format_duration(delay)
+        );
+        self.host.arm(delay, Event::RestartDue { seq });
+    }
+
+    /// A serving worker crashed after serving `served`: a healthy run
+    /// resets the back-off.
+    pub(super) fn crashed_after(&mut self, served: Duration) {
+        if served >= HEALTHY_FOR {
+            self.reloads.restart.delay = RESTART_MIN;
+        }
+        self.schedule_restart();
+    }
+}
