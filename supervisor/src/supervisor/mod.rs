@@ -7,7 +7,8 @@
 //! machine runs in unit tests with a fake host (`tests.rs`).
 //!
 //! One room per concern: `reload.rs` is the reload (and crash restart) from
-//! trigger to outcome, with where it stands as one [`Step`]; `handoff.rs` is
+//! trigger to outcome, with where it stands as one `Step`; `restart.rs` is
+//! the crash restart beside it; `handoff.rs` is
 //! kept values (freeze, snapshot, thaw, checkpoints); `lifecycle.rs` is
 //! drains, stops, exits and deadlines; `messages.rs` is what workers say.
 //! Generation phases change only in those `impl Supervisor` blocks.
@@ -22,6 +23,7 @@ mod handoff;
 mod lifecycle;
 mod messages;
 mod reload;
+mod restart;
 #[cfg(test)]
 mod tests;
 

@@ -1,31 +1,23 @@
-//! A reload from its trigger to its outcome, and the crash restart beside it.
+//! A reload from its trigger to its outcome.
 //!
 //! At most one reload is in flight ([`InFlight`]); where it stands is one
 //! [`Step`]: building, starting, awaiting the frozen predecessor's snapshot
 //! (possibly already ready), or starting with its kept values. Triggers
-//! during a reload coalesce into one queued reload with every waiter. A
-//! serving generation that dies is replaced by a crash restart after a
-//! back-off, beside any reload in flight: whichever is ready first serves.
-//! The old generation is told to drain only here, in `on_ready`, once its
-//! successor is ready.
+//! during a reload coalesce into one queued reload with every waiter. The
+//! crash restart that may run beside it is `restart.rs`. The old generation
+//! is told to drain only here, in `on_ready`, once its successor is ready.
 
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::restart::Restart;
 use super::Supervisor;
 use crate::api::{self, ReloadOutcome, Reply};
 use crate::build::{self, Build};
 use crate::event::Event;
 use crate::generations::Phase;
 use crate::host::Host;
-
-/// Smallest and largest delay before restarting a crashed worker.
-const RESTART_MIN: Duration = Duration::from_millis(100);
-const RESTART_MAX: Duration = Duration::from_secs(10);
-/// A worker that served this long before crashing restarts without delay
-/// growth: its crash is news, not a loop.
-pub(super) const HEALTHY_FOR: Duration = Duration::from_secs(10);
 
 /// Someone waiting for a reload's outcome (`baton reload --wait`).
 pub(super) type Waiter = oneshot::Sender<Reply>;
@@ -92,31 +84,6 @@ pub(super) struct InFlight {
     pub started: Instant,
     pub waiters: Vec<Waiter>,
     pub step: Step,
-}
-
-/// Crash restarts: the back-off, and the replacement while it starts.
-#[derive(Debug)]
-pub(super) struct Restart {
-    pub delay: Duration,
-    /// Tells a current back-off timer from stale ones.
-    pub seq: u64,
-    /// The timer numbered `seq` runs.
-    pub armed: bool,
-    /// The replacement, while it starts: it starts beside any reload in
-    /// flight (a reload may build for minutes, and nothing accepts
-    /// meanwhile).
-    pub starting: Option<(u64, Instant)>,
-}
-
-impl Default for Restart {
-    fn default() -> Restart {
-        Restart {
-            delay: RESTART_MIN,
-            seq: 0,
-            armed: false,
-            starting: None,
-        }
-    }
 }
 
 /// Everything about reloads the loop keeps.
@@ -329,33 +296,6 @@ impl<H: Host> Supervisor<H> {
         }
     }
 
-    /// The back-off after a crash is over.
-    pub(super) fn on_restart_due(&mut self, seq: u64) {
-        if seq != self.reloads.restart.seq {
-            return;
-        }
-        self.reloads.restart.armed = false;
-        if self.stopping
-            || self.reloads.restart.starting.is_some()
-            || self.generations.serving().is_some()
-        {
-            return;
-        }
-        // It reruns what served, without building.
-        let number = self.next_generation;
-        self.next_generation += 1;
-        match self.host.spawn_worker(number) {
-            Ok(pid) => {
-                self.add_generation(number, pid);
-                self.reloads.restart.starting = Some((number, Instant::now()));
-            }
-            Err(reason) => {
-                tracing::error!("restarting the worker as generation {number}: {reason}");
-                self.schedule_restart();
-            }
-        }
-    }
-
     /// The starting generation is ready: it serves, and only now are the
     /// generations it replaces told to drain.
     pub(super) fn on_ready(&mut self, number: u64, how: &str) {
@@ -417,46 +357,8 @@ impl<H: Host> Supervisor<H> {
         }
     }
 
-    /// The crash restart `number` serves. A reload in progress whose
-    /// generation already took kept values took values older than the ones
-    /// this generation serves from now on: it starts over.
-    fn on_restarted(&mut self, number: u64) {
-        let Some((_, started)) = self.reloads.restart.starting.take() else {
-            return;
-        };
-        self.record(number, None, started, Ok(()));
-        self.host
-            .systemd(&format!("READY=1\nSTATUS=serving generation {number}"));
-        let stale = self.reloads.in_flight.as_ref().and_then(|f| {
-            self.generations
-                .get(f.generation)
-                .filter(|g| g.took_state)
-                .map(|g| g.number)
-        });
-        if let Some(reload) = stale {
-            let waiters = self
-                .reloads
-                .in_flight
-                .as_mut()
-                .map(|f| std::mem::take(&mut f.waiters))
-                .unwrap_or_default();
-            self.reloads
-                .queued
-                .get_or_insert_with(Vec::new)
-                .extend(waiters);
-            self.fail_starting(
-                reload,
-                format!(
-                    "generation {number} restarted after a crash while it started, and serves \
-                     newer kept values than the ones it took; reloading again"
-                ),
-            );
-        }
-        self.start_queued();
-    }
-
     /// Records how a reload (or restart) ended, for `status`.
-    fn record(
+    pub(super) fn record(
         &mut self,
         number: u64,
         purpose: Option<Purpose>,
@@ -472,22 +374,6 @@ impl<H: Host> Supervisor<H> {
                 accept_pause_ms: None,
             });
         }
-    }
-
-    /// The crash restart `number` failed to start: try again after the
-    /// back-off.
-    fn restart_failed(&mut self, number: u64, reason: String) {
-        let Some((_, started)) = self.reloads.restart.starting.take_if(|(r, _)| *r == number)
-        else {
-            return;
-        };
-        tracing::error!("generation {number} failed: {reason}");
-        self.record(number, None, started, Err(&reason));
-        self.host.systemd(&format!(
-            "READY=1\nSTATUS=generation {number} failed to start"
-        ));
-        self.schedule_restart();
-        self.start_queued();
     }
 
     /// Ends the in-flight start of generation `number`: records the result,
@@ -571,38 +457,5 @@ impl<H: Host> Supervisor<H> {
         } else {
             self.finish_in_flight(number, Err(reason));
         }
-    }
-
-    /// With no generation serving, start one after the back-off, beside any
-    /// reload in progress.
-    pub(super) fn schedule_restart(&mut self) {
-        let restart = &mut self.reloads.restart;
-        if self.stopping
-            || restart.armed
-            || restart.starting.is_some()
-            || self.generations.serving().is_some()
-        {
-            return;
-        }
-        restart.armed = true;
-        restart.seq += 1;
-        // Each restart in a row waits twice as long as the one before.
-        let delay = restart.delay;
-        restart.delay = (delay * 2).min(RESTART_MAX);
-        let seq = restart.seq;
-        tracing::info!(
-            "restarting the worker in {}",
-            humantime::format_duration(delay)
-        );
-        self.host.arm(delay, Event::RestartDue { seq });
-    }
-
-    /// A serving worker crashed after serving `served`: a healthy run
-    /// resets the back-off.
-    pub(super) fn crashed_after(&mut self, served: Duration) {
-        if served >= HEALTHY_FOR {
-            self.reloads.restart.delay = RESTART_MIN;
-        }
-        self.schedule_restart();
     }
 }
