@@ -9,8 +9,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::generations::Phase;
-
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -30,6 +28,18 @@ pub enum Request {
         #[serde(default)]
         now: bool,
     },
+}
+
+/// Where a generation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Started, not yet ready; the previous generation still serves.
+    Starting,
+    /// Ready and serving; the newest serving generation is "the" generation.
+    Serving,
+    /// Told to finish in-flight work and exit; killed at its deadline.
+    Draining,
 }
 
 /// Every answer the supervisor gives.

@@ -13,21 +13,12 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 
 use crate::host::TimerId;
 
-/// Where a generation is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Started, not yet ready; the previous generation still serves.
-    Starting,
-    /// Ready and serving; the newest serving generation is "the" generation.
-    Serving,
-    /// Told to finish in-flight work and exit; killed at its deadline.
-    Draining,
-}
+/// Where a generation is in its life (part of the control API, which shows
+/// it).
+pub use crate::api::Phase;
 
 /// One started worker process.
 #[derive(Debug)]
