@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use baton_worker::protocol::{ProtocolError, StateSource, SupervisorMessage, WorkerMessage};
 
+use super::failure::Failure;
 use super::reload::Step;
 use super::Supervisor;
 use crate::event::Timer;
@@ -77,10 +78,10 @@ impl<H: Host> Supervisor<H> {
                 // older state would lose writes it acknowledged.
                 self.fail_starting(
                     number,
-                    format!(
+                    Failure::KeptValues(format!(
                         "generation {from} serves and keeps values, but asking it to hand them \
                          over failed: {e}"
-                    ),
+                    )),
                 );
             }
         }
@@ -127,7 +128,10 @@ impl<H: Host> Supervisor<H> {
                 }
             }
             Err(reason) => {
-                self.fail_starting(to, format!("generation {number}'s snapshot: {reason}"));
+                self.fail_starting(
+                    to,
+                    Failure::KeptValues(format!("generation {number}'s snapshot: {reason}")),
+                );
             }
         }
     }
@@ -143,7 +147,9 @@ impl<H: Host> Supervisor<H> {
         if let Some(to) = to {
             self.fail_starting(
                 to,
-                format!("generation {number} could not save its kept values: {reason}"),
+                Failure::KeptValues(format!(
+                    "generation {number} could not save its kept values: {reason}"
+                )),
             );
         }
     }
@@ -168,7 +174,10 @@ impl<H: Host> Supervisor<H> {
             .and_then(|f| f.step.frozen())
             .map(|(from, _, _)| format!("of generation {from}"))
             .unwrap_or_else(|| "it was given".to_owned());
-        self.fail_starting(number, format!("rejected the kept values {from}: {reason}"));
+        self.fail_starting(
+            number,
+            Failure::KeptValues(format!("rejected the kept values {from}: {reason}")),
+        );
     }
 
     /// A checkpoint: kept for a crash restart, if it is not older than what
@@ -206,7 +215,9 @@ impl<H: Host> Supervisor<H> {
             Some(WorkerMessage::Frozen { .. }) => match self.awaiting_snapshot_of(number) {
                 Some(to) => self.fail_starting(
                     to,
-                    format!("generation {number}'s snapshot did not reach baton: {e}"),
+                    Failure::KeptValues(format!(
+                        "generation {number}'s snapshot did not reach baton: {e}"
+                    )),
                 ),
                 None => tracing::warn!("generation {number}: {e}"),
             },

@@ -11,6 +11,7 @@ use std::time::Duration;
 use baton_worker::protocol::{StateSource, SupervisorMessage};
 use nix::unistd::Pid;
 
+use super::failure::Failure;
 use super::reload::Step;
 use super::Supervisor;
 use crate::event::{Exit, Timer};
@@ -64,7 +65,7 @@ impl<H: Host> Supervisor<H> {
         self.host.systemd("STOPPING=1");
         if let Some(number) = self.reloads.in_flight.as_ref().map(|f| f.generation) {
             self.begin_drain(number, "baton is stopping");
-            self.finish_in_flight(number, Err("baton is stopping".into()));
+            self.finish_in_flight(number, Err(Failure::Stopping));
         }
         for waiter in self.reloads.queued.take().unwrap_or_default() {
             let _ = waiter.send(crate::api::Reply::Refused("baton is stopping".into()));
@@ -122,11 +123,11 @@ impl<H: Host> Supervisor<H> {
         match g.phase {
             Phase::Starting => {
                 let reason = match exec_failure {
-                    Some(why) => format!(
-                        "starting `{}`: {why}",
-                        self.config.command.program.to_string_lossy()
-                    ),
-                    None => format!("{exit} before it was ready"),
+                    Some(why) => Failure::Exec {
+                        program: self.config.command.program.to_string_lossy().into_owned(),
+                        why,
+                    },
+                    None => Failure::Exited(exit),
                 };
                 self.start_failed(number, reason);
             }
@@ -161,21 +162,10 @@ impl<H: Host> Supervisor<H> {
             .is_some_and(|f| f.generation == number && f.step.frozen().is_some());
         match (timer, phase) {
             (Timer::ReadyTimeout, Phase::Starting) => {
-                let reason = format!(
-                    "not ready within {} (--ready-timeout): a plain worker must send READY=1 \
-                     to $NOTIFY_SOCKET (sd_notify), or be run with --ready after:DURATION; an \
-                     SDK worker must call ready()",
-                    humantime::format_duration(self.config.ready_timeout)
-                );
-                self.fail_starting(number, reason);
+                self.fail_starting(number, Failure::NotReady(self.config.ready_timeout));
             }
             (Timer::FreezeTimeout, Phase::Starting) if frozen_for_it => {
-                let reason = format!(
-                    "not ready within {} of freezing its predecessor (--freeze-timeout), \
-                     while no generation accepted; call keep() after slow initialisation",
-                    humantime::format_duration(self.config.freeze_timeout)
-                );
-                self.fail_starting(number, reason);
+                self.fail_starting(number, Failure::FrozeTooLong(self.config.freeze_timeout));
             }
             (Timer::ReadyAfter, Phase::Starting) => {
                 let after = match self.config.readiness {

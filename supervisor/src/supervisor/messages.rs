@@ -10,6 +10,7 @@ use std::os::fd::OwnedFd;
 
 use baton_worker::protocol::{ProtocolError, WorkerMessage, PROTOCOL_VERSION};
 
+use super::failure::Failure;
 use super::Supervisor;
 use crate::event::NotifyMessage;
 use crate::generations::Phase;
@@ -99,7 +100,7 @@ impl<H: Host> Supervisor<H> {
             return;
         };
         if g.phase == Phase::Starting {
-            self.fail_starting(number, reason);
+            self.fail_starting(number, Failure::Protocol(reason));
         } else {
             tracing::error!("generation {number} (pid {}): {reason}; ignored", g.pid);
         }

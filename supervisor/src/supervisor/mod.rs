@@ -19,6 +19,7 @@
 //! drained and killed and N serves on untouched. The old generation is never
 //! told to drain before the new one is ready.
 
+mod failure;
 mod handoff;
 mod lifecycle;
 mod messages;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::failure::Failure;
 use super::restart::Restart;
 use super::Supervisor;
 use crate::api::{self, ReloadOutcome, Reply};
@@ -182,7 +183,15 @@ impl<H: Host> Supervisor<H> {
                         waiters,
                         step: Step::Starting,
                     });
-                    self.finish_in_flight(number, Err(format!("build `{script}`: {e}")));
+                    self.finish_in_flight(
+                        number,
+                        Err(Failure::Build {
+                            script: script.clone(),
+                            how: e,
+                            took: None,
+                            tail: String::new(),
+                        }),
+                    );
                     return;
                 }
             },
@@ -266,20 +275,24 @@ impl<H: Host> Supervisor<H> {
         let Step::Building(build) = std::mem::replace(&mut f.step, Step::Starting) else {
             return;
         };
-        let took = humantime::format_duration(Duration::from_millis(
-            build.started.elapsed().as_millis() as u64,
-        ));
+        let took = build.started.elapsed();
         let script = self.config.build.clone().unwrap_or_default();
         match (build.exit, build.tail) {
             (Some(Ok(())), _) => {
-                tracing::info!("build succeeded in {took}");
+                tracing::info!(
+                    "build succeeded in {}",
+                    humantime::format_duration(Duration::from_millis(took.as_millis() as u64))
+                );
                 self.spawn_generation(number);
             }
             (Some(Err(how)), tail) => {
-                let tail = tail.unwrap_or_default();
-                let reason =
-                    format!("build `{script}` {how} after {took}; its output ends:\n{tail}");
-                self.finish_in_flight(number, Err(reason));
+                let failure = Failure::Build {
+                    script,
+                    how,
+                    took: Some(took),
+                    tail: tail.unwrap_or_default(),
+                };
+                self.finish_in_flight(number, Err(failure));
             }
             (None, _) => {}
         }
@@ -292,7 +305,7 @@ impl<H: Host> Supervisor<H> {
         }
         match self.host.spawn_worker(number) {
             Ok(pid) => self.add_generation(number, pid),
-            Err(reason) => self.finish_in_flight(number, Err(reason)),
+            Err(reason) => self.finish_in_flight(number, Err(Failure::Spawn(reason))),
         }
     }
 
@@ -378,10 +391,11 @@ impl<H: Host> Supervisor<H> {
 
     /// Ends the in-flight start of generation `number`: records the result,
     /// answers its waiters, and moves on (queued reload, restart, or exit).
-    pub(super) fn finish_in_flight(&mut self, number: u64, result: Result<(), String>) {
+    pub(super) fn finish_in_flight(&mut self, number: u64, result: Result<(), Failure>) {
         let Some(in_flight) = self.reloads.in_flight.take_if(|f| f.generation == number) else {
             return;
         };
+        let result = result.map_err(|failure| failure.to_string());
         if let Step::Building(build) = &in_flight.step {
             // Stopped mid-build: the build goes, with whatever it started.
             self.host.kill(build.pid);
@@ -445,13 +459,13 @@ impl<H: Host> Supervisor<H> {
 
     /// A starting generation failed: stop it (it may have accepted
     /// connections already, so drain first), and report why.
-    pub(super) fn fail_starting(&mut self, number: u64, reason: String) {
+    pub(super) fn fail_starting(&mut self, number: u64, reason: Failure) {
         self.begin_drain(number, "failed to start");
         self.start_failed(number, reason);
     }
 
     /// A starting generation failed (it is draining or gone).
-    pub(super) fn start_failed(&mut self, number: u64, reason: String) {
+    pub(super) fn start_failed(&mut self, number: u64, reason: Failure) {
         if self.reloads.restarting_is(number) {
             self.restart_failed(number, reason);
         } else {

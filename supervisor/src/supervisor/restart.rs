@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::failure::Failure;
 use super::Supervisor;
 use crate::event::Event;
 use crate::host::Host;
@@ -99,26 +100,20 @@ impl<H: Host> Supervisor<H> {
                 .queued
                 .get_or_insert_with(Vec::new)
                 .extend(waiters);
-            self.fail_starting(
-                reload,
-                format!(
-                    "generation {number} restarted after a crash while it started, and serves \
-                     newer kept values than the ones it took; reloading again"
-                ),
-            );
+            self.fail_starting(reload, Failure::Overtaken { by: number });
         }
         self.start_queued();
     }
 
     /// The crash restart `number` failed to start: try again after the
     /// back-off.
-    pub(super) fn restart_failed(&mut self, number: u64, reason: String) {
+    pub(super) fn restart_failed(&mut self, number: u64, reason: Failure) {
         let Some((_, started)) = self.reloads.restart.starting.take_if(|(r, _)| *r == number)
         else {
             return;
         };
         tracing::error!("generation {number} failed: {reason}");
-        self.record(number, None, started, Err(&reason));
+        self.record(number, None, started, Err(&reason.to_string()));
         self.host.systemd(&format!(
             "READY=1\nSTATUS=generation {number} failed to start"
         ));
