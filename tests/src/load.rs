@@ -1,9 +1,9 @@
 //! The project's own HTTP/1.1 load client. It owns the bookkeeping that
-//! DESIGN.md ("What counts as a failed request") asks of every load test:
-//! each request lands in exactly one bin (`ok`, or one failure kind), and a
-//! first attempt that died on a reused keep-alive connection before any byte
-//! of its response is counted apart as `retried` and sent once more on a fresh
-//! connection. It speaks plain HTTP/1.1 over TCP or a Unix stream socket,
+//! `docs/design.md` ("What counts as a failed request") asks of every load
+//! test: each request lands in exactly one bin (`ok`, or one failure kind),
+//! and a first attempt that died on a reused keep-alive connection before any
+//! byte of its response is counted apart as `retried` and sent once more on a
+//! fresh connection. It speaks plain HTTP/1.1 over TCP or a Unix stream socket,
 //! sends only `GET`, and never pipelines. It knows nothing of baton: it sees
 //! the server only the way a client does.
 //!
