@@ -148,7 +148,7 @@ pub struct RunArgs {
     pub group: Option<String>,
     /// The largest snapshot of kept values (SDK workers) baton accepts, like
     /// 64MiB; a larger one fails the reload and the old generation serves on.
-    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = crate::state::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub max_state: u64,
     /// How long a generation may stay frozen (not accepting, its kept values
     /// handed over) waiting for its successor to become ready; then the
@@ -164,6 +164,28 @@ pub struct RunArgs {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 250ms, 30s or 2m ({e})"))
+}
+
+/// Parses `--max-state`: `512KiB`, `64MiB`, `1GiB`, `1000000` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64MiB"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_readiness(s: &str) -> Result<Readiness, String> {
@@ -320,4 +342,18 @@ fn describe_status(s: &Status) -> String {
         None => out.push_str("  last reload: none yet\n"),
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5TB").is_err());
+    }
 }

@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use baton_worker::listen::{self, ListenAddr as BindAddr};
+use baton_worker::listen::{self, ListenAddr};
 use baton_worker::protocol::{ListenerInfo, ListenerKind};
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -30,25 +30,25 @@ const BACKLOG: i32 = 4096;
 pub struct ListenSpec {
     /// The name workers see in `LISTEN_FDNAMES`.
     pub name: String,
-    /// Where to bind.
-    pub addr: ListenAddr,
+    /// Where its socket comes from (displayed as the operator wrote it).
+    pub addr: ListenSource,
 }
 
-/// Where a listener binds.
+/// Where a listener's socket comes from: bound by baton, or adopted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    /// An address baton binds (the syntax workers share, see
-    /// `baton_worker::listen`).
-    Bind(BindAddr),
+pub enum ListenSource {
+    /// An address baton binds, in the syntax workers share
+    /// ([`baton_worker::listen::ListenAddr`]).
+    Bind(ListenAddr),
     /// `systemd`: adopted from socket activation, by its `FileDescriptorName=`
     Systemd,
 }
 
-impl fmt::Display for ListenAddr {
+impl fmt::Display for ListenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ListenAddr::Bind(addr) => addr.fmt(f),
-            ListenAddr::Systemd => write!(f, "systemd"),
+            ListenSource::Bind(addr) => addr.fmt(f),
+            ListenSource::Systemd => write!(f, "systemd"),
         }
     }
 }
@@ -60,7 +60,7 @@ impl std::str::FromStr for ListenSpec {
     fn from_str(spec: &str) -> Result<ListenSpec, String> {
         let (name, addr) = listen::split_spec(spec).map_err(|e| format!("{spec:?}: {e}"))?;
         let addr = if addr == "systemd" {
-            ListenAddr::Systemd
+            ListenSource::Systemd
         } else {
             let addr = listen::parse_addr(addr).map_err(|e| {
                 let hint = if e.starts_with("unknown address") {
@@ -70,7 +70,7 @@ impl std::str::FromStr for ListenSpec {
                 };
                 format!("{spec:?}: {e}{hint}")
             })?;
-            ListenAddr::Bind(addr)
+            ListenSource::Bind(addr)
         };
         Ok(ListenSpec {
             name: name.to_owned(),
@@ -85,7 +85,7 @@ pub struct Listener {
     /// The operator's name for it.
     pub name: String,
     /// What was asked for.
-    pub spec: ListenAddr,
+    pub spec: ListenSource,
     /// What kind of socket it is.
     pub kind: ListenerKind,
     /// Where it is actually bound (a port-0 request shows its real port).
@@ -106,27 +106,27 @@ impl Listener {
             source,
         };
         let (socket, kind, unlink) = match &spec.addr {
-            ListenAddr::Bind(BindAddr::Tcp(addr)) => (
+            ListenSource::Bind(ListenAddr::Tcp(addr)) => (
                 bind_inet(*addr, Type::STREAM).map_err(bind_err)?,
                 ListenerKind::Tcp,
                 None,
             ),
-            ListenAddr::Bind(BindAddr::Udp(addr)) => (
+            ListenSource::Bind(ListenAddr::Udp(addr)) => (
                 bind_inet(*addr, Type::DGRAM).map_err(bind_err)?,
                 ListenerKind::Udp,
                 None,
             ),
-            ListenAddr::Bind(BindAddr::Unix(path)) => (
+            ListenSource::Bind(ListenAddr::Unix(path)) => (
                 bind_unix(path, Type::STREAM).map_err(bind_err)?,
                 ListenerKind::Unix,
                 Some(path.clone()),
             ),
-            ListenAddr::Bind(BindAddr::UnixDgram(path)) => (
+            ListenSource::Bind(ListenAddr::UnixDgram(path)) => (
                 bind_unix(path, Type::DGRAM).map_err(bind_err)?,
                 ListenerKind::UnixDgram,
                 Some(path.clone()),
             ),
-            ListenAddr::Systemd => {
+            ListenSource::Systemd => {
                 let socket = activated.take(&spec.name)?;
                 let kind = kind_of(&socket).map_err(|reason| {
                     Error::Activation(format!(
@@ -139,9 +139,9 @@ impl Listener {
         };
         let local = socket.local_addr().ok();
         let bound = match (local.as_ref().and_then(|a| a.as_socket()), &spec.addr) {
-            (Some(addr), ListenAddr::Systemd) => format!("{addr} (from systemd)"),
+            (Some(addr), ListenSource::Systemd) => format!("{addr} (from systemd)"),
             (Some(addr), _) => addr.to_string(),
-            (None, ListenAddr::Systemd) => {
+            (None, ListenSource::Systemd) => {
                 let path = local
                     .as_ref()
                     .and_then(|a| a.as_pathname().map(Path::to_path_buf));
@@ -360,25 +360,25 @@ mod tests {
     fn parses_every_form() {
         assert_eq!(
             parse("http=tcp://127.0.0.1:8080").unwrap().addr,
-            ListenAddr::Bind(BindAddr::Tcp("127.0.0.1:8080".parse().unwrap()))
+            ListenSource::Bind(ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap()))
         );
         assert_eq!(
             parse("v6=tcp://[::1]:0").unwrap().addr,
-            ListenAddr::Bind(BindAddr::Tcp("[::1]:0".parse().unwrap()))
+            ListenSource::Bind(ListenAddr::Tcp("[::1]:0".parse().unwrap()))
         );
         assert_eq!(
             parse("dns=udp://0.0.0.0:53").unwrap().addr,
-            ListenAddr::Bind(BindAddr::Udp("0.0.0.0:53".parse().unwrap()))
+            ListenSource::Bind(ListenAddr::Udp("0.0.0.0:53".parse().unwrap()))
         );
         assert_eq!(
             parse("s=unix:/run/x.sock").unwrap().addr,
-            ListenAddr::Bind(BindAddr::Unix("/run/x.sock".into()))
+            ListenSource::Bind(ListenAddr::Unix("/run/x.sock".into()))
         );
         assert_eq!(
             parse("d=unix-dgram:/run/d.sock").unwrap().addr,
-            ListenAddr::Bind(BindAddr::UnixDgram("/run/d.sock".into()))
+            ListenSource::Bind(ListenAddr::UnixDgram("/run/d.sock".into()))
         );
-        assert_eq!(parse("web=systemd").unwrap().addr, ListenAddr::Systemd);
+        assert_eq!(parse("web=systemd").unwrap().addr, ListenSource::Systemd);
     }
 
     #[test]

@@ -79,28 +79,6 @@ impl Snapshot {
     }
 }
 
-/// Parses `--max-state`: `512KiB`, `64MiB`, `1GiB`, `1000000` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(digits);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 64MiB"))?;
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" | "k" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown unit {other:?} (use KiB, MiB or GiB)"
-            ))
-        }
-    };
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
 /// A size for people: `1.5 MiB`.
 pub fn size(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["bytes", "KiB", "MiB", "GiB"];
@@ -168,12 +146,7 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse_and_print() {
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("5TB").is_err());
+    fn sizes_print_for_people() {
         assert_eq!(size(1536), "1.5 KiB");
         assert_eq!(size(12), "12 bytes");
     }

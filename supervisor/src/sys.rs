@@ -82,20 +82,65 @@ impl ExecPlan {
 /// Why the child could not exec: which step, and its errno.
 #[derive(Debug)]
 pub struct SpawnFailure {
-    /// The step that failed, for the error message.
+    /// The step that failed, for the error message: `Step::describe`'s
+    /// text, or `UNKNOWN_STEP` for a report that names no step.
     pub step: &'static str,
     /// The error of that step.
     pub error: io::Error,
 }
 
-const STEPS: [&str; 6] = [
-    "fork",
-    "arranging descriptors",
-    "setting the parent-death signal",
-    "exec",
-    "the supervisor is gone",
-    "switching user",
-];
+/// The steps of starting a worker that can fail. A child that fails reports
+/// the step as its `u32` value on the exec-report pipe; [`ExecReport`]
+/// decodes it with [`Step::from_report`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+enum Step {
+    /// `fork`, or the pipe for the exec report, in the supervisor.
+    Fork = 0,
+    /// Placing the listeners at 3.., stdin, and stdout/stderr.
+    ArrangeDescriptors = 1,
+    /// `PR_SET_PDEATHSIG`.
+    ParentDeathSignal = 2,
+    /// `execve` of every candidate path.
+    Exec = 3,
+    /// The supervisor died before the parent-death signal was set.
+    SupervisorGone = 4,
+    /// `setgroups`/`setgid`/`setuid` for `--user`/`--group`.
+    SwitchUser = 5,
+}
+
+impl Step {
+    /// Every step, to decode a report.
+    const ALL: [Step; 6] = [
+        Step::Fork,
+        Step::ArrangeDescriptors,
+        Step::ParentDeathSignal,
+        Step::Exec,
+        Step::SupervisorGone,
+        Step::SwitchUser,
+    ];
+
+    /// What the step was doing, for the error message.
+    fn describe(self) -> &'static str {
+        match self {
+            Step::Fork => "fork",
+            Step::ArrangeDescriptors => "arranging descriptors",
+            Step::ParentDeathSignal => "setting the parent-death signal",
+            Step::Exec => "exec",
+            Step::SupervisorGone => "the supervisor is gone",
+            Step::SwitchUser => "switching user",
+        }
+    }
+
+    /// The step a child reported, if the value names one.
+    fn from_report(value: u32) -> Option<Step> {
+        Step::ALL.into_iter().find(|&step| step as u32 == value)
+    }
+}
+
+/// What an exec report names when its step is none of [`Step`]'s (a child
+/// that wrote something else on the pipe): said as such, never guessed.
+const UNKNOWN_STEP: &str = "an unknown step of starting the worker";
 
 /// The read end of a child's exec report: empty once the child has exec'd,
 /// eight bytes (step, errno) if it failed before. Read it after the child
@@ -113,7 +158,7 @@ impl ExecReport {
                 let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
                 let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
                 Some(SpawnFailure {
-                    step: STEPS[(step as usize).min(STEPS.len() - 1)],
+                    step: Step::from_report(step).map_or(UNKNOWN_STEP, Step::describe),
                     error: io::Error::from_raw_os_error(errno),
                 })
             }
@@ -134,8 +179,8 @@ pub fn spawn(
     stdin: BorrowedFd<'_>,
     output: Option<BorrowedFd<'_>>,
 ) -> Result<(Pid, ExecReport), SpawnFailure> {
-    let fail = |step: usize, error: io::Error| SpawnFailure {
-        step: STEPS[step],
+    let fail = |step: Step, error: io::Error| SpawnFailure {
+        step: step.describe(),
         error,
     };
     // Everything the child touches is built here, before the fork.
@@ -153,7 +198,7 @@ pub fn spawn(
     let mut moved: Vec<RawFd> = vec![-1; sources.len()];
     let (err_read, err_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-            .map_err(|e| fail(0, e.into()))?;
+            .map_err(|e| fail(Step::Fork, e.into()))?;
     let child = ChildContext {
         candidates: &candidates,
         argv: argv_ptrs.as_ptr(),
@@ -173,7 +218,7 @@ pub fn spawn(
     // prepared before the fork, and never returns.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(fail(0, io::Error::last_os_error()));
+        return Err(fail(Step::Fork, io::Error::last_os_error()));
     }
     if pid == 0 {
         // SAFETY: we are the freshly forked child; `child` points at memory
@@ -245,7 +290,7 @@ impl ChildContext<'_> {
             for (i, &src) in self.sources.iter().enumerate() {
                 let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, high);
                 if fd < 0 {
-                    self.fail(1);
+                    self.fail(Step::ArrangeDescriptors);
                 }
                 *self.moved.add(i) = fd;
             }
@@ -257,19 +302,19 @@ impl ChildContext<'_> {
                 high
             };
             if stdin < 0 || report < 0 || output < 0 {
-                self.fail(1);
+                self.fail(Step::ArrangeDescriptors);
             }
             for i in 0..self.sources.len() {
                 // dup2 onto a different descriptor clears close-on-exec.
                 if libc::dup2(*self.moved.add(i), 3 + i as libc::c_int) < 0 {
-                    self.fail_on(report, 1);
+                    self.fail_on(report, Step::ArrangeDescriptors);
                 }
             }
             if libc::dup2(stdin, 0) < 0 {
-                self.fail_on(report, 1);
+                self.fail_on(report, Step::ArrangeDescriptors);
             }
             if self.output >= 0 && (libc::dup2(output, 1) < 0 || libc::dup2(output, 2) < 0) {
-                self.fail_on(report, 1);
+                self.fail_on(report, Step::ArrangeDescriptors);
             }
             // Close everything above the targets except the report pipe (which
             // is close-on-exec and closes itself at exec).
@@ -282,17 +327,17 @@ impl ChildContext<'_> {
                     || libc::setgid(c.gid) != 0
                     || libc::setuid(c.uid) != 0
                 {
-                    self.fail_on(report, 5);
+                    self.fail_on(report, Step::SwitchUser);
                 }
             }
             // After the user switch: changing credentials clears the
             // parent-death signal.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                self.fail_on(report, 2);
+                self.fail_on(report, Step::ParentDeathSignal);
             }
             // The supervisor may have died before the prctl took effect.
             if libc::getppid() != self.parent {
-                self.fail_on(report, 4);
+                self.fail_on(report, Step::SupervisorGone);
             }
 
             if !self.listen_pid_slot.is_null() {
@@ -322,30 +367,30 @@ impl ChildContext<'_> {
                 match *libc::__errno_location() {
                     libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG => {}
                     libc::EACCES => denied = true,
-                    _ => self.fail_on(report, 3),
+                    _ => self.fail_on(report, Step::Exec),
                 }
             }
             if denied {
                 *libc::__errno_location() = libc::EACCES;
             }
-            self.fail_on(report, 3)
+            self.fail_on(report, Step::Exec)
         }
     }
 
     /// Reports `step` and errno on the original pipe and exits.
-    unsafe fn fail(&self, step: u32) -> ! {
+    unsafe fn fail(&self, step: Step) -> ! {
         // SAFETY: forwarded; same preconditions as `exec`.
         unsafe { self.fail_on(self.report, step) }
     }
 
     /// Reports `step` and errno on `report` and exits.
-    unsafe fn fail_on(&self, report: RawFd, step: u32) -> ! {
+    unsafe fn fail_on(&self, report: RawFd, step: Step) -> ! {
         // SAFETY: errno, write and _exit are async-signal-safe; the buffer is
         // on this stack.
         unsafe {
             let errno = *libc::__errno_location();
             let mut buf = [0u8; 8];
-            buf[..4].copy_from_slice(&step.to_ne_bytes());
+            buf[..4].copy_from_slice(&(step as u32).to_ne_bytes());
             buf[4..].copy_from_slice(&errno.to_ne_bytes());
             libc::write(report, buf.as_ptr().cast(), buf.len());
             libc::_exit(127)
@@ -422,4 +467,46 @@ pub fn adopt_activated(count: usize) -> Vec<OwnedFd> {
             owned
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An exec report as a child would write it: `step`, then `errno`.
+    fn report(step: u32, errno: i32) -> ExecReport {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        let mut bytes = step.to_ne_bytes().to_vec();
+        bytes.extend_from_slice(&errno.to_ne_bytes());
+        nix::unistd::write(&write, &bytes).expect("writing the report");
+        ExecReport(read)
+    }
+
+    #[test]
+    fn every_step_decodes_to_itself() {
+        for step in Step::ALL {
+            assert_eq!(Step::from_report(step as u32), Some(step));
+        }
+        let failure = report(Step::SwitchUser as u32, libc::EPERM)
+            .failure()
+            .expect("a failure");
+        assert_eq!(failure.step, "switching user");
+        assert_eq!(failure.error.raw_os_error(), Some(libc::EPERM));
+    }
+
+    #[test]
+    fn an_unknown_step_is_reported_as_unknown() {
+        for value in [6, 99, u32::MAX] {
+            assert_eq!(Step::from_report(value), None);
+            let failure = report(value, libc::ENOENT).failure().expect("a failure");
+            assert_eq!(failure.step, UNKNOWN_STEP);
+        }
+    }
+
+    #[test]
+    fn an_empty_report_is_no_failure() {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        drop(write);
+        assert!(ExecReport(read).failure().is_none());
+    }
 }

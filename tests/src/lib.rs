@@ -1,14 +1,16 @@
 //! Test support for baton's integration tests and benchmarks: tools that
 //! drive the real binaries from outside, the way a client or an operator
 //! would. `load` is the HTTP/1.1 load client that counts every request in
-//! exactly one bin (see DESIGN.md, "What counts as a failed request");
+//! exactly one bin (see `docs/design.md`, "What counts as a failed request");
 //! `harness` starts the real `baton` binary in a temporary directory per
-//! test and drives it over its control socket; `handoff` measures what
+//! test and drives it over its control socket; `http` sends the one-off
+//! `GET`s a test reads a single answer from; `state_cost` measures what
 //! handing kept state to the next generation costs. Nothing here links the
 //! supervisor; the SDK only for its protocol constants.
 
 pub mod bench;
-pub mod handoff;
 pub mod harness;
+pub mod http;
 pub mod load;
+pub mod state_cost;
 mod sys;

@@ -1,9 +1,9 @@
 //! The project's own HTTP/1.1 load client. It owns the bookkeeping that
-//! DESIGN.md ("What counts as a failed request") asks of every load test:
-//! each request lands in exactly one bin (`ok`, or one failure kind), and a
-//! first attempt that died on a reused keep-alive connection before any byte
-//! of its response is counted apart as `retried` and sent once more on a fresh
-//! connection. It speaks plain HTTP/1.1 over TCP or a Unix stream socket,
+//! `docs/design.md` ("What counts as a failed request") asks of every load
+//! test: each request lands in exactly one bin (`ok`, or one failure kind),
+//! and a first attempt that died on a reused keep-alive connection before any
+//! byte of its response is counted apart as `retried` and sent once more on a
+//! fresh connection. It speaks plain HTTP/1.1 over TCP or a Unix stream socket,
 //! sends only `GET`, and never pipelines. It knows nothing of baton: it sees
 //! the server only the way a client does.
 //!
@@ -1192,8 +1192,11 @@ fn framing(status: u16, headers: &[httparse::Header<'_>]) -> Result<Framing, Fai
 
 #[cfg(test)]
 mod tests {
-    //! Each test runs a small server on 127.0.0.1:0 (or a Unix socket) that
-    //! misbehaves in one way, and checks the bin the client puts it in.
+    //! Each test runs a small server on 127.0.0.1:0 (or a Unix socket) and
+    //! checks how the client counts what it does. The ways a server can
+    //! fail a request are one table, `CASES` (what the server does → the
+    //! bin the request lands in), run by `each_misbehaviour_lands_in_its_bin`;
+    //! the other tests cover keep-alive, retries, framing and steering.
     //! Servers and clients synchronise only through their sockets.
 
     use super::*;
@@ -1280,49 +1283,201 @@ mod tests {
         assert_eq!(report.connections, 5);
     }
 
-    #[tokio::test]
-    async fn refused_after_the_listener_closed() {
-        let (listener, target) = listener().await;
-        drop(listener);
-        let report = run_to_end(config(target, true, 3)).await;
-        assert_eq!(report.counts.refused, 3, "{report}");
-        assert_eq!(report.counts.total(), 3);
-        assert_eq!(report.failures.len(), 3);
-        assert_eq!(report.failures[0].bin, Bin::Refused);
-        let err = report.check_no_failures().unwrap_err();
-        assert!(err.to_string().contains("refused 3"), "{err}");
+    /// What a misbehaving server does with the one connection it accepts
+    /// (after reading the request, where there is a connection).
+    #[derive(Clone, Copy, Debug)]
+    enum Server {
+        /// Closes its listener before any client connects.
+        NotListening,
+        /// Sends 3 bytes of a 100-byte body, then resets (zero linger).
+        ResetsMidResponse,
+        /// Closes the connection without a byte of an answer.
+        ClosesWithoutAnswer,
+        /// Sends these bytes, closes its side cleanly (FIN; the request was
+        /// read, so nothing unread turns the close into a reset), and reads
+        /// until the client closes.
+        SendsThenFinishes(&'static [u8]),
+        /// Sends these bytes and reads until the client closes.
+        SendsThenWaits(&'static [u8]),
+        /// Answers every request on the connection with a 500.
+        AnswersErrors,
+        /// Reads until the client gives up and closes, answering nothing.
+        NeverAnswers,
     }
 
-    #[tokio::test]
-    async fn reset_in_the_middle_of_a_response() {
-        let (listener, target) = listener().await;
-        tokio::spawn(async move {
+    impl Server {
+        /// Runs this server on `listener`.
+        async fn run(self, listener: TcpListener) {
+            if let Server::NotListening = self {
+                drop(listener);
+                return;
+            }
             let (mut stream, _) = listener.accept().await.unwrap();
-            read_request(&mut stream).await.unwrap();
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
-                .await
-                .unwrap();
-            stream.set_zero_linger().unwrap();
-            drop(stream);
-        });
-        let report = run_to_end(config(target, true, 1)).await;
-        assert_eq!(report.counts.reset, 1, "{report}");
-        assert_eq!(report.counts.retried, 0);
-        assert_eq!(report.counts.total(), 1);
+            let mut rest = Vec::new();
+            match self {
+                Server::NotListening => {}
+                Server::ResetsMidResponse => {
+                    read_request(&mut stream).await.unwrap();
+                    stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+                        .await
+                        .unwrap();
+                    stream.set_zero_linger().unwrap();
+                }
+                Server::ClosesWithoutAnswer => {
+                    read_request(&mut stream).await.unwrap();
+                }
+                Server::SendsThenFinishes(bytes) => {
+                    read_request(&mut stream).await.unwrap();
+                    stream.write_all(bytes).await.unwrap();
+                    stream.shutdown().await.unwrap();
+                    let _ = stream.read_to_end(&mut rest).await;
+                }
+                Server::SendsThenWaits(bytes) => {
+                    read_request(&mut stream).await.unwrap();
+                    stream.write_all(bytes).await.unwrap();
+                    let _ = stream.read_to_end(&mut rest).await;
+                }
+                Server::AnswersErrors => {
+                    while let Ok(true) = read_request(&mut stream).await {
+                        let response =
+                            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops";
+                        stream.write_all(response.as_bytes()).await.unwrap();
+                    }
+                }
+                Server::NeverAnswers => {
+                    let _ = stream.read_to_end(&mut rest).await;
+                }
+            }
+        }
     }
 
+    /// One misbehaviour and where the client must count it.
+    struct Case {
+        server: Server,
+        /// Requests sent, one at a time, on keep-alive connections.
+        requests: u64,
+        /// The client's deadline per request, when not the default.
+        timeout: Option<Duration>,
+        /// The bin every one of the requests lands in.
+        bin: Bin,
+        /// Connections opened, where the case is about them.
+        connections: Option<u64>,
+        /// A fragment of the first failure's message, or "".
+        message: &'static str,
+    }
+
+    const CASES: &[Case] = &[
+        Case {
+            server: Server::NotListening,
+            requests: 3,
+            timeout: None,
+            bin: Bin::Refused,
+            connections: None,
+            message: "",
+        },
+        Case {
+            server: Server::ResetsMidResponse,
+            requests: 1,
+            timeout: None,
+            bin: Bin::Reset,
+            connections: None,
+            message: "",
+        },
+        // On a fresh connection this is a failure, not a retry.
+        Case {
+            server: Server::ClosesWithoutAnswer,
+            requests: 1,
+            timeout: None,
+            bin: Bin::Reset,
+            connections: None,
+            message: "",
+        },
+        Case {
+            server: Server::SendsThenFinishes(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc"),
+            requests: 1,
+            timeout: None,
+            bin: Bin::Truncated,
+            connections: None,
+            message: "3 of 100",
+        },
+        Case {
+            server: Server::SendsThenFinishes(b"HTTP/1.1 200 OK\r\nConte"),
+            requests: 1,
+            timeout: None,
+            bin: Bin::Truncated,
+            connections: None,
+            message: "",
+        },
+        // The connection stays usable after an error status.
+        Case {
+            server: Server::AnswersErrors,
+            requests: 2,
+            timeout: None,
+            bin: Bin::BadStatus,
+            connections: Some(1),
+            message: "status 500: oops",
+        },
+        Case {
+            server: Server::SendsThenWaits(b"SPDY/9 what\r\n\r\n"),
+            requests: 1,
+            timeout: None,
+            bin: Bin::Malformed,
+            connections: None,
+            message: "",
+        },
+        Case {
+            server: Server::NeverAnswers,
+            requests: 1,
+            timeout: Some(Duration::from_millis(200)),
+            bin: Bin::Timeout,
+            connections: None,
+            message: "",
+        },
+    ];
+
     #[tokio::test]
-    async fn close_before_response_on_a_fresh_connection_is_reset() {
-        let (listener, target) = listener().await;
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            read_request(&mut stream).await.unwrap();
-            drop(stream);
-        });
-        let report = run_to_end(config(target, true, 1)).await;
-        assert_eq!(report.counts.reset, 1, "{report}");
-        assert_eq!(report.counts.retried, 0);
+    async fn each_misbehaviour_lands_in_its_bin() {
+        for case in CASES {
+            let what = format!("{:?} ({} requests)", case.server, case.requests);
+            let (listener, target) = listener().await;
+            tokio::spawn(case.server.run(listener));
+            let mut config = config(target, true, case.requests);
+            if let Some(timeout) = case.timeout {
+                config.timeout = timeout;
+            }
+            let report = run_to_end(config).await;
+            assert_eq!(
+                report.counts.get(case.bin),
+                case.requests,
+                "{what}: {report}"
+            );
+            assert_eq!(report.counts.total(), case.requests, "{what}: {report}");
+            assert_eq!(report.counts.retried, 0, "{what}: {report}");
+            assert_eq!(
+                report.failures.len() as u64,
+                case.requests,
+                "{what}: {report}"
+            );
+            assert!(
+                report.failures.iter().all(|f| f.bin == case.bin),
+                "{what}: {report}"
+            );
+            assert!(
+                report.failures[0].message.contains(case.message),
+                "{what}: {}",
+                report.failures[0]
+            );
+            if let Some(connections) = case.connections {
+                assert_eq!(report.connections, connections, "{what}: {report}");
+            }
+            if let Some(timeout) = case.timeout {
+                assert!(report.failures[0].elapsed >= timeout, "{what}: {report}");
+            }
+            let err = report.check_no_failures().unwrap_err();
+            let counted = format!("{} {}", case.bin, case.requests);
+            assert!(err.to_string().contains(&counted), "{what}: {err}");
+        }
     }
 
     #[tokio::test]
@@ -1353,95 +1508,6 @@ mod tests {
             "{}",
             report.retries[0]
         );
-    }
-
-    #[tokio::test]
-    async fn truncated_body() {
-        let (listener, target) = listener().await;
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            read_request(&mut stream).await.unwrap();
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
-                .await
-                .unwrap();
-            // A clean FIN: the request was read, so nothing unread is left
-            // to turn the close into a reset.
-            stream.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            let _ = stream.read_to_end(&mut rest).await;
-        });
-        let report = run_to_end(config(target, true, 1)).await;
-        assert_eq!(report.counts.truncated, 1, "{report}");
-        assert!(
-            report.failures[0].message.contains("3 of 100"),
-            "{}",
-            report.failures[0]
-        );
-    }
-
-    #[tokio::test]
-    async fn truncated_head() {
-        let (listener, target) = listener().await;
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            read_request(&mut stream).await.unwrap();
-            stream.write_all(b"HTTP/1.1 200 OK\r\nConte").await.unwrap();
-            stream.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            let _ = stream.read_to_end(&mut rest).await;
-        });
-        let report = run_to_end(config(target, true, 1)).await;
-        assert_eq!(report.counts.truncated, 1, "{report}");
-    }
-
-    #[tokio::test]
-    async fn error_status_is_bad_status() {
-        let (listener, target) = listener().await;
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            while let Ok(true) = read_request(&mut stream).await {
-                let response =
-                    "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops";
-                stream.write_all(response.as_bytes()).await.unwrap();
-            }
-        });
-        let report = run_to_end(config(target, true, 2)).await;
-        assert_eq!(report.counts.bad_status, 2, "{report}");
-        // The connection stays usable after an error status.
-        assert_eq!(report.connections, 1);
-        assert!(report.failures[0].message.contains("status 500: oops"));
-    }
-
-    #[tokio::test]
-    async fn garbage_is_malformed() {
-        let (listener, target) = listener().await;
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            read_request(&mut stream).await.unwrap();
-            stream.write_all(b"SPDY/9 what\r\n\r\n").await.unwrap();
-            let mut rest = Vec::new();
-            let _ = stream.read_to_end(&mut rest).await;
-        });
-        let report = run_to_end(config(target, true, 1)).await;
-        assert_eq!(report.counts.malformed, 1, "{report}");
-    }
-
-    #[tokio::test]
-    async fn no_response_is_timeout() {
-        let (listener, target) = listener().await;
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            // Hold the connection open, answering nothing, until the client
-            // gives up and closes it.
-            let mut rest = Vec::new();
-            let _ = stream.read_to_end(&mut rest).await;
-        });
-        let mut config = config(target, true, 1);
-        config.timeout = Duration::from_millis(200);
-        let report = run_to_end(config).await;
-        assert_eq!(report.counts.timeout, 1, "{report}");
-        assert!(report.failures[0].elapsed >= Duration::from_millis(200));
     }
 
     #[tokio::test]

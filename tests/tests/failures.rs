@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use baton_tests::harness::{process_gone, wait_for, Baton, Load};
+use baton_tests::http;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -112,7 +113,7 @@ fn a_killed_serving_worker_is_restarted_and_no_connection_is_refused() {
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("killing the worker");
     // Right away, before any restart: the kernel queues the connection on
     // baton's listener, and the next generation answers it.
-    let body = http_get(&addr, "/");
+    let body = http::get(&addr, "/", http::TIMEOUT).expect("GET");
     assert!(
         body.contains("\"generation\": 2") || body.contains("\"generation\":2"),
         "{body}"
@@ -200,26 +201,6 @@ fn the_first_generation_failing_makes_baton_run_exit_non_zero_with_the_reason() 
     let status = baton.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
     baton.wait_log("not ready within 500ms");
-}
-
-/// One GET on a fresh connection; the body.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connecting");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("setting a timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("sending");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("reading the response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 #[test]

@@ -9,42 +9,14 @@
 //! (The control directory's own attacks, planted symlinks and `sun_path`,
 //! are `hostile_fs.rs`; a stderr nobody reads is `hostile_stderr.rs`.)
 
-use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::{self, bin, pyworker, wait_for, Baton, BatonBuilder, Load};
+use baton_tests::http;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
-
-/// `GET path` on a fresh connection, with a deadline for the whole answer.
-fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, String> {
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send: {e}"))?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)
-        .map_err(|e| format!("read: {e}"))?;
-    if !response.starts_with("HTTP/1.1 200") {
-        return Err(format!("not a 200: {response:?}"));
-    }
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned())
-}
-
-fn json_get(addr: &str, path: &str) -> Value {
-    let body = http_get(addr, path, Duration::from_secs(20)).expect("GET");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body:?}: {e}"))
-}
 
 /// The runtime directory (notify sockets) baton made in `dir`.
 fn runtime_dir_in(dir: &Path) -> PathBuf {
@@ -280,7 +252,7 @@ fn a_serving_worker_killed_while_a_reload_builds_is_restarted_at_once() {
         c.concurrency = 4;
         c.timeout = Duration::from_secs(5);
     });
-    let body = http_get(&addr, "/", Duration::from_secs(5)).expect("served after the crash");
+    let body = http::get(&addr, "/", Duration::from_secs(5)).expect("served after the crash");
     assert!(body.contains("\"generation\": 3"), "{body}");
     load.wait_ok(20);
     assert_eq!(baton.status()["reloading"]["step"], "building");
@@ -293,7 +265,10 @@ fn a_serving_worker_killed_while_a_reload_builds_is_restarted_at_once() {
     baton.wait_settled();
     load.wait_ok(20);
     load.finish().assert_no_failures();
-    assert_eq!(json_get(&addr, "/")["generation"], 2);
+    assert_eq!(
+        http::get_json(&addr, "/", http::TIMEOUT).expect("GET")["generation"],
+        2
+    );
 }
 
 #[test]
@@ -324,7 +299,7 @@ fn a_serving_worker_killed_while_a_slow_successor_starts_is_restarted_at_once() 
         c.concurrency = 4;
         c.timeout = Duration::from_secs(5);
     });
-    let body = http_get(&addr, "/", Duration::from_secs(5)).expect("served after the crash");
+    let body = http::get(&addr, "/", Duration::from_secs(5)).expect("served after the crash");
     assert!(body.contains("\"generation\": 3"), "{body}");
     baton.wait_serving(3);
     load.wait_ok(20);
@@ -371,10 +346,11 @@ fn running_out_of_descriptors_costs_no_channel_and_no_kept_value() {
         .start();
     let addr = baton.address("http");
     for _ in 0..18 {
-        json_get(&addr, "/");
+        http::get_json(&addr, "/", http::TIMEOUT).expect("GET");
     }
     wait_for("a checkpoint of 18", Duration::from_secs(10), || {
-        (json_get(&addr, "/peek")["checkpointed"] == 18).then_some(())
+        (http::get_json(&addr, "/peek", http::TIMEOUT).expect("GET")["checkpointed"] == 18)
+            .then_some(())
     });
     // baton can open nothing more: the next checkpoint's memfd cannot be
     // received.
@@ -382,12 +358,15 @@ fn running_out_of_descriptors_costs_no_channel_and_no_kept_value() {
     let soft = soft_nofile(pid);
     prlimit_nofile(pid, &lowest_free_fd(pid).to_string());
     for _ in 0..13 {
-        json_get(&addr, "/");
+        http::get_json(&addr, "/", http::TIMEOUT).expect("GET");
     }
     wait_for(
         "the worker to checkpoint 31",
         Duration::from_secs(10),
-        || (json_get(&addr, "/peek")["checkpointed"] == 31).then_some(()),
+        || {
+            (http::get_json(&addr, "/peek", http::TIMEOUT).expect("GET")["checkpointed"] == 31)
+                .then_some(())
+        },
     );
     // Enough time for baton to have received (and lost) it: its log says so.
     wait_for(
@@ -398,7 +377,7 @@ fn running_out_of_descriptors_costs_no_channel_and_no_kept_value() {
     prlimit_nofile(pid, &soft);
     // The serving generation still speaks: the reload takes its real values.
     assert_eq!(baton.reload_ok(), 2);
-    let peek = json_get(&addr, "/peek");
+    let peek = http::get_json(&addr, "/peek", http::TIMEOUT).expect("GET");
     assert_eq!(peek["generation"], 2, "{peek}");
     assert_eq!(peek["count"], 31, "{peek}\nlog:\n{}", baton.log());
 }
@@ -545,12 +524,12 @@ fn a_repeated_stop_lets_in_flight_requests_finish_and_only_stop_now_kills() {
         let addr = baton.address("http");
         let slow_addr = addr.clone();
         let slow = std::thread::spawn(move || {
-            http_get(&slow_addr, "/slow?ms=3000", Duration::from_secs(20))
+            http::get(&slow_addr, "/slow?ms=3000", Duration::from_secs(20))
         });
         // A request on a later connection answered means the slow one, queued
         // first, was accepted.
         wait_for("the worker to answer", Duration::from_secs(10), || {
-            http_get(&addr, "/", Duration::from_secs(5)).ok()
+            http::get(&addr, "/", Duration::from_secs(5)).ok()
         });
         let started = Instant::now();
         let first = baton.cli_spawn(&["stop"]);
@@ -713,7 +692,7 @@ fn a_snapshot_lost_to_the_descriptor_limit_fails_the_reload_and_the_old_generati
         .start();
     let addr = baton.address("http");
     for _ in 0..25 {
-        json_get(&addr, "/");
+        http::get_json(&addr, "/", http::TIMEOUT).expect("GET");
     }
     // From here on no control connection: nothing of baton's opens or
     // closes but what the reload does.
@@ -747,13 +726,13 @@ fn a_snapshot_lost_to_the_descriptor_limit_fails_the_reload_and_the_old_generati
     let log = baton.wait_log("snapshot did not reach baton");
     assert!(log.contains("out of descriptors"), "{log}");
     assert!(log.contains("thaws and serves on"), "{log}");
-    let peek = json_get(&addr, "/peek");
+    let peek = http::get_json(&addr, "/peek", http::TIMEOUT).expect("GET");
     assert_eq!(peek["generation"], 1, "{peek}");
     assert_eq!(peek["count"], 25, "{peek}");
-    json_get(&addr, "/");
+    http::get_json(&addr, "/", http::TIMEOUT).expect("GET");
     baton.set_flags("");
     assert_eq!(baton.reload_ok(), 3);
-    let peek = json_get(&addr, "/peek");
+    let peek = http::get_json(&addr, "/peek", http::TIMEOUT).expect("GET");
     assert_eq!(peek["count"], 26, "{peek}");
     baton.wait_serving(3);
 }

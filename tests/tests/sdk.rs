@@ -16,22 +16,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::{bin, process_gone, wait_for, Baton, Load};
+use baton_tests::http;
 use serde_json::Value;
-
-/// A response read off a connection that may stay open.
-struct Response {
-    status: u16,
-    headers: String,
-    body: Value,
-}
-
-impl Response {
-    fn closes(&self) -> bool {
-        self.headers
-            .to_ascii_lowercase()
-            .contains("\r\nconnection: close")
-    }
-}
 
 fn connect(addr: &str) -> TcpStream {
     let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting {addr}: {e}"));
@@ -39,44 +25,6 @@ fn connect(addr: &str) -> TcpStream {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("read timeout");
     stream
-}
-
-fn send_get(stream: &mut TcpStream, path: &str) {
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("sending a request");
-}
-
-/// Reads one response (with a `Content-Length`, as axum's JSON has).
-fn read_response(stream: &mut TcpStream) -> Response {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = stream.read(&mut byte).expect("reading a response head");
-        assert_eq!(n, 1, "connection closed in the head: {head:?}");
-        head.push(byte[0]);
-    }
-    let headers = String::from_utf8(head).expect("an ASCII head");
-    let status = headers[9..12].parse().expect("a status code");
-    let length: usize = headers
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .expect("a Content-Length");
-    let mut body = vec![0; length];
-    stream.read_exact(&mut body).expect("reading a body");
-    let body = serde_json::from_slice(&body).expect("a JSON body");
-    Response {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn get(stream: &mut TcpStream, path: &str) -> Response {
-    send_get(stream, path);
-    read_response(stream)
 }
 
 /// Whether the server end of `client` has been accepted by process `pid`:
@@ -189,7 +137,7 @@ fn hello_takes_the_sdk_path_and_holds_each_listener_once() {
         assert_eq!(g["status"], format!("serving http on {addr}"), "{g}");
         let pid = baton.worker_pid(generation).expect("a worker pid");
 
-        let body = get(&mut connect(&addr), "/").body;
+        let body = http::get_json(&addr, "/", http::TIMEOUT).expect("GET /");
         assert_eq!(body["generation"], generation, "{body}");
         assert_eq!(body["pid"], pid, "{body}");
 
@@ -279,7 +227,7 @@ fn a_slow_request_is_finished_by_the_generation_that_started_it() {
         Duration::from_secs(10),
         || accepted_by(pid, &slow).then_some(()),
     );
-    send_get(&mut slow, "/slow?ms=1500");
+    http::send_get(&mut slow, "/slow?ms=1500").expect("sending");
     // Three reloads go by while the request is in flight.
     for generation in 2..=4 {
         assert_eq!(baton.reload_ok(), generation);
@@ -290,11 +238,12 @@ fn a_slow_request_is_finished_by_the_generation_that_started_it() {
         "draining",
         "generation 1 drains while its request runs"
     );
-    let response = read_response(&mut slow);
+    let response = http::read_response(&mut slow).expect("the slow response");
     let answered = Instant::now();
     assert_eq!(response.status, 200, "{}", response.headers);
-    assert_eq!(response.body["generation"], 1, "{}", response.body);
-    assert_eq!(response.body["pid"], pid, "{}", response.body);
+    let body = response.json().expect("a JSON body");
+    assert_eq!(body["generation"], 1, "{body}");
+    assert_eq!(body["pid"], pid, "{body}");
     assert!(
         response.closes(),
         "a draining generation answers with Connection: close: {}",
@@ -318,8 +267,8 @@ fn a_draining_generation_closes_idle_connections_and_exits_promptly() {
     // Idle keep-alive connections, each having been served by generation 1.
     let mut idle: Vec<TcpStream> = (0..5).map(|_| connect(&addr)).collect();
     for stream in &mut idle {
-        let response = get(stream, "/");
-        assert_eq!(response.body["generation"], 1);
+        let response = http::get_keep_alive(stream, "/").expect("GET / on an idle connection");
+        assert_eq!(response.json().expect("a JSON body")["generation"], 1);
         assert!(!response.closes(), "{}", response.headers);
     }
     // A connection accepted by generation 1 that has not sent its request
@@ -342,9 +291,10 @@ fn a_draining_generation_closes_idle_connections_and_exits_promptly() {
                 .then_some(())
         },
     );
-    let response = get(&mut fresh, "/");
+    let response = http::get_keep_alive(&mut fresh, "/").expect("GET / on the fresh connection");
     assert_eq!(response.status, 200, "{}", response.headers);
-    assert_eq!(response.body["generation"], 1, "{}", response.body);
+    let body = response.json().expect("a JSON body");
+    assert_eq!(body["generation"], 1, "{body}");
     let mut rest = Vec::new();
     fresh
         .read_to_end(&mut rest)
@@ -447,7 +397,9 @@ fn standalone_hello_binds_baton_listen_and_drains_on_sigterm() {
     let (mut child, lines) = standalone("hello", &[("BATON_LISTEN", "http=tcp://127.0.0.1:0")]);
     let addr = line_after(&lines, "serving http on ");
     let mut idle = connect(&addr);
-    let body = get(&mut idle, "/").body;
+    let body = http::get_keep_alive(&mut idle, "/")
+        .and_then(|response| response.json())
+        .expect("GET /");
     assert_eq!(body["generation"], 0, "standalone: {body}");
     assert_eq!(body["pid"], child.id(), "{body}");
 

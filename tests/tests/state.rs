@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use baton_tests::harness::{bin, wait_for, Baton, Load};
-use serde_json::Value;
+use baton_tests::http;
 
 fn counter(options: &[&str]) -> Baton {
     Baton::builder()
@@ -18,26 +18,10 @@ fn counter(options: &[&str]) -> Baton {
         .start()
 }
 
-fn get(baton: &Baton, path: &str) -> Value {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(baton.address("http")).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("read");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{body:?}: {e}"))
-}
-
 #[test]
 fn the_count_is_exact_through_a_reload_storm_under_load() {
     let baton = counter(&[]);
+    let addr = baton.address("http");
     let load = Load::http(&baton, "http", |c| {
         c.concurrency = 8;
         c.keep_alive_fraction = 0.5;
@@ -51,7 +35,7 @@ fn the_count_is_exact_through_a_reload_storm_under_load() {
     let report = load.finish();
     eprintln!("{report}\nafter freeze: {}", report.after_freeze);
     report.assert_no_failures();
-    let peek = get(&baton, "/peek");
+    let peek = http::get_json(&addr, "/peek", http::TIMEOUT).expect("GET");
     let count = peek["count"].as_u64().expect("count");
     // Every increment answered is in the count, but those the SDK reported
     // as landing after a freeze (they stayed with the old generation).
@@ -70,12 +54,13 @@ fn the_count_is_exact_through_a_reload_storm_under_load() {
 #[test]
 fn a_killed_worker_resumes_from_its_last_checkpoint() {
     let mut baton = counter(&[]);
+    let addr = baton.address("http");
     for _ in 0..25 {
-        get(&baton, "/");
+        http::get_json(&addr, "/", http::TIMEOUT).expect("GET");
     }
     // The counter checkpoints within a second of a change.
     let pid = wait_for("a checkpoint of 25", Duration::from_secs(10), || {
-        let peek = get(&baton, "/peek");
+        let peek = http::get_json(&addr, "/peek", http::TIMEOUT).expect("GET");
         (peek["checkpointed"] == 25).then(|| peek["pid"].as_i64().expect("pid") as i32)
     });
     nix::sys::signal::kill(
@@ -84,17 +69,21 @@ fn a_killed_worker_resumes_from_its_last_checkpoint() {
     )
     .expect("kill -9");
     baton.wait_serving(2);
-    let peek = get(&baton, "/peek");
+    let peek = http::get_json(&addr, "/peek", http::TIMEOUT).expect("GET");
     assert_eq!(peek["count"], 25, "{peek}");
     baton.wait_log("from generation 1's last checkpoint");
-    assert_eq!(get(&baton, "/")["count"], 26);
+    assert_eq!(
+        http::get_json(&addr, "/", http::TIMEOUT).expect("GET")["count"],
+        26
+    );
 }
 
 /// A reload that must fail at the hand-over: the old generation thaws and
 /// serves on with its count, under load, with no failed request.
 fn failed_handover_keeps_the_old_values(baton: &Baton, flags: &str, reason: &str) {
+    let addr = baton.address("http");
     for _ in 0..5 {
-        get(baton, "/");
+        http::get_json(&addr, "/", http::TIMEOUT).expect("GET");
     }
     let load = Load::http(baton, "http", |c| c.concurrency = 4);
     load.wait_ok(20);
@@ -107,7 +96,7 @@ fn failed_handover_keeps_the_old_values(baton: &Baton, flags: &str, reason: &str
     load.wait_ok(20);
     let report = load.finish();
     report.assert_no_failures();
-    let peek = get(baton, "/peek");
+    let peek = http::get_json(&addr, "/peek", http::TIMEOUT).expect("GET");
     assert_eq!(peek["generation"], 1, "{peek}");
     // Nothing was lost: the thawed generation kept counting.
     assert_eq!(

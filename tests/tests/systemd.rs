@@ -4,12 +4,13 @@
 //! baton sends, read from a datagram socket that plays systemd's
 //! `NOTIFY_SOCKET` and checks every sender pid.
 
-use std::io::{IoSliceMut, Read, Write};
+use std::io::IoSliceMut;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use baton_tests::harness::{wait_for, Baton};
+use baton_tests::http;
 use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags};
 
 fn need(tool: &str) {
@@ -21,17 +22,6 @@ fn need(tool: &str) {
         found,
         "{tool} is missing: install Debian's `systemd` package (.ci/run does)"
     );
-}
-
-fn get_unix(path: &std::path::Path, what: &str) -> String {
-    let mut s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connecting {what}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    write!(s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("sending");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("reading");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 #[test]
@@ -50,7 +40,7 @@ fn baton_adopts_a_socket_from_systemd_socket_activate_and_reloads_on_it() {
     wait_for("the activation socket", Duration::from_secs(20), || {
         path.exists().then_some(())
     });
-    let first = get_unix(&path, "the activated socket");
+    let first = http::get_unix(&path, "/", http::TIMEOUT).expect("the activated socket");
     assert!(first.contains("\"generation\": 1"), "{first}");
     let status = baton.status();
     assert!(
@@ -60,20 +50,11 @@ fn baton_adopts_a_socket_from_systemd_socket_activate_and_reloads_on_it() {
         "{status}"
     );
     assert_eq!(baton.reload_ok(), 2);
-    let second = get_unix(&path, "the activated socket after a reload");
+    let second =
+        http::get_unix(&path, "/", http::TIMEOUT).expect("the activated socket after a reload");
     assert!(second.contains("\"generation\": 2"), "{second}");
     // The worker saw the name baton gave, not systemd's LISTEN_* for baton.
-    let fds = {
-        let mut s = UnixStream::connect(&path).expect("connect");
-        write!(
-            s,
-            "GET /fds HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send");
-        let mut r = String::new();
-        s.read_to_string(&mut r).expect("read");
-        r
-    };
+    let fds = http::get_unix(&path, "/fds", http::TIMEOUT).expect("GET /fds");
     assert!(fds.contains("\"listen_fdnames\": \"web\""), "{fds}");
 }
 

@@ -3,7 +3,7 @@
 
 baton's integration tests run this script to show that baton supervises any
 binary, not only programs linked against the Rust SDK. It uses nothing but
-the conventions a plain worker has (DESIGN.md, "Plain workers"):
+the conventions a plain worker has (docs/design.md, "Plain workers"):
 
 * listeners arrive at fds 3.. in the systemd socket-activation convention
   (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES);
@@ -89,8 +89,8 @@ REQUEST_TIMEOUT = 30.0
 
 # A connection accepted but with no request yet is not an idle keep-alive
 # connection: closing it would fail the client's first request, which clients
-# do not retry (DESIGN.md, "What counts as a failed request"). During a drain
-# such a connection gets this long for its request to arrive.
+# do not retry (docs/design.md, "What counts as a failed request"). During a
+# drain such a connection gets this long for its request to arrive.
 FIRST_REQUEST_GRACE = 2.0
 
 # How often a thread waiting for the first request re-checks that grace.

@@ -13,7 +13,7 @@
 //! drains, stops, exits and deadlines; `messages.rs` is what workers say.
 //! Generation phases change only in those `impl Supervisor` blocks.
 //!
-//! The reload sequence (`docs/` and ARCHITECTURE.md): a trigger starts
+//! The reload sequence (docs/design.md, "Generation lifecycle"): a trigger starts
 //! generation N+1 beside the serving N; when N+1 is ready, N is told to
 //! drain; if N+1 exits, times out or speaks malformed protocol first, it is
 //! drained and killed and N serves on untouched. The old generation is never

@@ -6,9 +6,10 @@
 //!
 //! The parts: `strategy` (the strategies, the load mix, one round),
 //! `figures` (reload latency beside `hello`'s own start-up, RSS and
-//! descriptors over many reloads, data path cost), `crate::handoff` (the state hand-over cost), `baton` (a supervisor driven over its
-//! control socket), `procs` (child guards, binaries, `/proc`), `stats`
-//! (medians, quantiles, tables) and `sys` (the only `unsafe`: fd 3 and
+//! descriptors over many reloads, data path cost), `crate::state_cost` (the
+//! state hand-over cost), `baton` (a supervisor driven over its control
+//! socket), `procs` (child guards, binaries, `/proc`), `stats` (medians,
+//! quantiles, tables) and `sys` (the only `unsafe`: fd 3 and
 //! `PR_SET_PDEATHSIG` in the child).
 //!
 //! Every figure is measured side by side over several rounds, strategies
@@ -242,8 +243,8 @@ pub fn run(config: &Config) -> Result<Outcome, String> {
         } else {
             (&[1 << 10, 1 << 20, 64 << 20], 5)
         };
-        let rows = crate::handoff::measure(sizes, rounds)?;
-        println!("{}", crate::handoff::table(&rows));
+        let rows = crate::state_cost::measure(sizes, rounds)?;
+        println!("{}", crate::state_cost::table(&rows));
     }
 
     println!(

@@ -9,8 +9,7 @@
 //! deadline; nothing here sleeps to "let things settle".
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -231,29 +230,6 @@ pub fn reserve_port() -> Result<u16, String> {
         .map_err(|e| format!("reading the reserved port: {e}"))
 }
 
-/// One `GET /` with `Connection: close`; `Ok` on a complete `200`.
-pub fn http_get(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| format!("setting timeouts on a connection to {addr}: {e}"))?;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("sending GET / to {addr}: {e}"))?;
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .map_err(|e| format!("reading the answer to GET / from {addr}: {e}"))?;
-    if response.starts_with(b"HTTP/1.1 200 ") {
-        Ok(())
-    } else {
-        let head = String::from_utf8_lossy(&response[..response.len().min(80)]).into_owned();
-        Err(format!("GET / on {addr} answered {head:?}"))
-    }
-}
-
 /// Polls `GET /` on `addr` until it succeeds or `timeout` passes; while
 /// `proc` is given, fails at once if that process exits.
 pub fn wait_http(
@@ -264,8 +240,9 @@ pub fn wait_http(
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let last = match http_get(addr, left.clamp(Duration::from_millis(1), timeout)) {
-            Ok(()) => return Ok(()),
+        let left = left.clamp(Duration::from_millis(1), timeout);
+        let last = match crate::http::get(&addr.to_string(), "/", left) {
+            Ok(_) => return Ok(()),
             Err(e) => e,
         };
         if let Some(proc) = proc.as_deref_mut() {

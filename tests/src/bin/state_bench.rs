@@ -1,6 +1,6 @@
 //! `state-bench`: what handing kept values to the next generation costs, for
 //! 1 KiB, 1 MiB and 64 MiB of state, beside the plain Unix-socket copy of
-//! the same bytes (see `baton_tests::handoff`).
+//! the same bytes (see `baton_tests::state_cost`).
 //!
 //! ```text
 //! cargo build --release --workspace
@@ -16,9 +16,9 @@ fn main() -> ExitCode {
     } else {
         (&[1 << 10, 1 << 20, 64 << 20], 5)
     };
-    match baton_tests::handoff::measure(sizes, rounds) {
+    match baton_tests::state_cost::measure(sizes, rounds) {
         Ok(rows) => {
-            println!("{}", baton_tests::handoff::table(&rows));
+            println!("{}", baton_tests::state_cost::table(&rows));
             ExitCode::SUCCESS
         }
         Err(e) => {

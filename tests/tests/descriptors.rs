@@ -3,38 +3,12 @@
 //! and IPv6, UDP, Unix stream, Unix datagram) working the same before and
 //! after a reload, because the kernel socket is the same one.
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use baton_tests::harness::{wait_for, Baton};
+use baton_tests::http;
 use serde_json::Value;
-
-fn http_get(stream: &mut impl ReadWrite, path: &str) -> Value {
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("sending");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("reading");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("body {body:?}: {e}"))
-}
-
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
-
-fn tcp(addr: &str) -> std::net::TcpStream {
-    let s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s
-}
 
 /// The worker's own view of what it inherited.
 fn check_inheritance(fds: &Value, generation: u64) {
@@ -113,18 +87,15 @@ fn every_listener_kind_is_handed_over_with_exact_descriptors() {
             assert_eq!(baton.reload_ok(), generation);
             baton.wait_settled();
         }
-        let fds = http_get(&mut tcp(&v4), "/fds");
+        let fds = http::get_json(&v4, "/fds", http::TIMEOUT).expect("IPv4");
         check_inheritance(&fds, generation);
         let pid = fds["pid"].as_i64().expect("pid");
 
-        let body = http_get(&mut tcp(&v6), "/");
+        let body = http::get_json(&v6, "/", http::TIMEOUT).expect("IPv6");
         assert_eq!(body["generation"], generation, "IPv6: {body}");
 
-        let mut s = UnixStream::connect(&unix).expect("connecting the unix listener");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
         assert_eq!(
-            http_get(&mut s, "/")["generation"],
+            http::get_unix_json(&unix, "/", http::TIMEOUT).expect("unix stream")["generation"],
             generation,
             "unix stream"
         );
@@ -153,7 +124,7 @@ fn baton_does_not_pass_on_the_listen_and_notify_variables_it_received() {
         .env("BATON_GENERATION", "99")
         .pyworker("")
         .start();
-    let fds = http_get(&mut tcp(&baton.address("http")), "/fds");
+    let fds = http::get_json(&baton.address("http"), "/fds", http::TIMEOUT).expect("GET /fds");
     assert_eq!(fds["listen_fdnames"], "http", "{fds}");
     assert_eq!(fds["generation"], 1, "{fds}");
     let notify = fds["notify_socket"].as_str().expect("NOTIFY_SOCKET is set");
