@@ -27,10 +27,10 @@ use tokio::task::AbortHandle;
 
 use crate::api::ListenerStatus;
 use crate::event::{Event, Exit};
+use crate::exec_report::ExecReport;
 use crate::listener::Listener;
 use crate::notify::{self, Systemd};
 use crate::spawn::{Launcher, SocketFile};
-use crate::sys::ExecReport;
 
 /// A pending deadline, to cancel it.
 pub type TimerId = u64;

@@ -31,6 +31,7 @@ pub mod build;
 pub mod cli;
 pub mod control;
 pub mod event;
+pub mod exec_report;
 pub mod generations;
 pub mod host;
 pub mod listener;

@@ -163,7 +163,7 @@ pub struct Spawned {
     /// The uid whose datagrams the notify socket accepts (besides root's).
     pub notify_uid: u32,
     /// Why the child could not exec, readable once it has exited.
-    pub report: sys::ExecReport,
+    pub report: crate::exec_report::ExecReport,
 }
 
 /// The user workers run as (`--user`, `--group`), resolved at start-up.
@@ -422,7 +422,7 @@ impl Launcher {
         &self,
         script: &str,
         output: BorrowedFd<'_>,
-    ) -> Result<(Pid, sys::ExecReport), Error> {
+    ) -> Result<(Pid, crate::exec_report::ExecReport), Error> {
         let err = |reason: &str| Error::Command {
             command: script.to_owned(),
             reason: reason.to_owned(),

@@ -22,6 +22,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::unistd::Pid;
 
+use crate::exec_report::{ExecReport, SpawnFailure, Step};
+
 /// Room for the decimal digits of any pid.
 const PID_DIGITS: usize = 20;
 /// One more than the highest signal number Linux has (`_NSIG - 1` is 64).
@@ -76,95 +78,6 @@ impl ExecPlan {
     pub fn with_credentials(mut self, credentials: Option<Credentials>) -> ExecPlan {
         self.credentials = credentials;
         self
-    }
-}
-
-/// Why the child could not exec: which step, and its errno.
-#[derive(Debug)]
-pub struct SpawnFailure {
-    /// The step that failed, for the error message: `Step::describe`'s
-    /// text, or `UNKNOWN_STEP` for a report that names no step.
-    pub step: &'static str,
-    /// The error of that step.
-    pub error: io::Error,
-}
-
-/// The steps of starting a worker that can fail. A child that fails reports
-/// the step as its `u32` value on the exec-report pipe; [`ExecReport`]
-/// decodes it with [`Step::from_report`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-enum Step {
-    /// `fork`, or the pipe for the exec report, in the supervisor.
-    Fork = 0,
-    /// Placing the listeners at 3.., stdin, and stdout/stderr.
-    ArrangeDescriptors = 1,
-    /// `PR_SET_PDEATHSIG`.
-    ParentDeathSignal = 2,
-    /// `execve` of every candidate path.
-    Exec = 3,
-    /// The supervisor died before the parent-death signal was set.
-    SupervisorGone = 4,
-    /// `setgroups`/`setgid`/`setuid` for `--user`/`--group`.
-    SwitchUser = 5,
-}
-
-impl Step {
-    /// Every step, to decode a report.
-    const ALL: [Step; 6] = [
-        Step::Fork,
-        Step::ArrangeDescriptors,
-        Step::ParentDeathSignal,
-        Step::Exec,
-        Step::SupervisorGone,
-        Step::SwitchUser,
-    ];
-
-    /// What the step was doing, for the error message.
-    fn describe(self) -> &'static str {
-        match self {
-            Step::Fork => "fork",
-            Step::ArrangeDescriptors => "arranging descriptors",
-            Step::ParentDeathSignal => "setting the parent-death signal",
-            Step::Exec => "exec",
-            Step::SupervisorGone => "the supervisor is gone",
-            Step::SwitchUser => "switching user",
-        }
-    }
-
-    /// The step a child reported, if the value names one.
-    fn from_report(value: u32) -> Option<Step> {
-        Step::ALL.into_iter().find(|&step| step as u32 == value)
-    }
-}
-
-/// What an exec report names when its step is none of [`Step`]'s (a child
-/// that wrote something else on the pipe): said as such, never guessed.
-const UNKNOWN_STEP: &str = "an unknown step of starting the worker";
-
-/// The read end of a child's exec report: empty once the child has exec'd,
-/// eight bytes (step, errno) if it failed before. Read it after the child
-/// exited, never before (the supervisor never waits for a child).
-#[derive(Debug)]
-pub struct ExecReport(OwnedFd);
-
-impl ExecReport {
-    /// Why the child could not exec, if it could not. Call once the child
-    /// has exited: its report is complete then, so this never blocks.
-    pub fn failure(&self) -> Option<SpawnFailure> {
-        let mut report = [0u8; 8];
-        match nix::unistd::read(&self.0, &mut report) {
-            Ok(8) => {
-                let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
-                let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
-                Some(SpawnFailure {
-                    step: Step::from_report(step).map_or(UNKNOWN_STEP, Step::describe),
-                    error: io::Error::from_raw_os_error(errno),
-                })
-            }
-            // Exec'd (the pipe closed empty), or still running.
-            _ => None,
-        }
     }
 }
 
@@ -226,7 +139,7 @@ pub fn spawn(
         unsafe { child.exec() }
     }
     drop(err_write);
-    Ok((Pid::from_raw(pid), ExecReport(err_read)))
+    Ok((Pid::from_raw(pid), ExecReport::new(err_read)))
 }
 
 /// Raw pointers into memory prepared by the parent before the fork.
@@ -467,46 +380,4 @@ pub fn adopt_activated(count: usize) -> Vec<OwnedFd> {
             owned
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An exec report as a child would write it: `step`, then `errno`.
-    fn report(step: u32, errno: i32) -> ExecReport {
-        let (read, write) = nix::unistd::pipe().expect("pipe");
-        let mut bytes = step.to_ne_bytes().to_vec();
-        bytes.extend_from_slice(&errno.to_ne_bytes());
-        nix::unistd::write(&write, &bytes).expect("writing the report");
-        ExecReport(read)
-    }
-
-    #[test]
-    fn every_step_decodes_to_itself() {
-        for step in Step::ALL {
-            assert_eq!(Step::from_report(step as u32), Some(step));
-        }
-        let failure = report(Step::SwitchUser as u32, libc::EPERM)
-            .failure()
-            .expect("a failure");
-        assert_eq!(failure.step, "switching user");
-        assert_eq!(failure.error.raw_os_error(), Some(libc::EPERM));
-    }
-
-    #[test]
-    fn an_unknown_step_is_reported_as_unknown() {
-        for value in [6, 99, u32::MAX] {
-            assert_eq!(Step::from_report(value), None);
-            let failure = report(value, libc::ENOENT).failure().expect("a failure");
-            assert_eq!(failure.step, UNKNOWN_STEP);
-        }
-    }
-
-    #[test]
-    fn an_empty_report_is_no_failure() {
-        let (read, write) = nix::unistd::pipe().expect("pipe");
-        drop(write);
-        assert!(ExecReport(read).failure().is_none());
-    }
 }
