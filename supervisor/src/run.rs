@@ -43,7 +43,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     if let Some(r) = &run_as {
         tracing::info!("workers run as {}", r.describe());
     }
-    let launcher = Launcher::new(config.command.clone(), &run_parent, run_as)?;
+    let launcher = Launcher::new(
+        config.command.clone(),
+        &run_parent,
+        run_as,
+        config.drain_signal,
+    )?;
     // Orphaned grandchildren of workers are re-parented to us and reaped.
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!("becoming a child subreaper: {e}; orphans of workers go to init");

@@ -252,6 +252,10 @@ pub struct Launcher {
     run_dir: tempfile::TempDir,
     dev_null: OwnedFd,
     run_as: Option<RunAs>,
+    /// What a worker gets when baton dies: its drain signal, so that it
+    /// finishes what it has (a crashed baton's workers drain; systemd's
+    /// restarted baton serves meanwhile).
+    death_signal: nix::sys::signal::Signal,
 }
 
 impl Launcher {
@@ -262,6 +266,7 @@ impl Launcher {
         command: WorkerCommand,
         parent: &Path,
         run_as: Option<RunAs>,
+        death_signal: nix::sys::signal::Signal,
     ) -> Result<Launcher, Error> {
         let io = |context: String, source: std::io::Error| Error::Io { context, source };
         command.resolve()?;
@@ -315,6 +320,7 @@ impl Launcher {
             run_dir,
             dev_null,
             run_as,
+            death_signal,
         })
     }
 
@@ -397,6 +403,7 @@ impl Launcher {
             .collect::<Result<Vec<_>, _>>()?;
         let plan = sys::ExecPlan::new(candidates, argv, env)
             .with_listen_pid()
+            .with_death_signal(self.death_signal)
             .with_credentials(self.run_as.as_ref().map(|r| r.credentials.clone()));
         let (pid, report) =
             sys::spawn(&plan, &fds, self.dev_null.as_fd(), None).map_err(|f| Error::Spawn {

@@ -4,7 +4,7 @@
 //! ones at 3, 4, 5 … with close-on-exec cleared, `/dev/null` on stdin, every
 //! other descriptor closed, every signal at its default disposition and none
 //! blocked, `LISTEN_PID` set to the worker's own pid, its own process group,
-//! and `PR_SET_PDEATHSIG` so it dies with the supervisor.
+//! and `PR_SET_PDEATHSIG` so it drains (or dies) with the supervisor.
 //!
 //! Between `fork` and `execve` the child runs only async-signal-safe calls on
 //! memory prepared before the fork: no allocation, no locks, no logging. The
@@ -39,6 +39,8 @@ pub struct ExecPlan {
     env: Vec<Vec<u8>>,
     listen_pid: Option<usize>,
     credentials: Option<Credentials>,
+    /// The signal the child gets when the supervisor dies.
+    death_signal: libc::c_int,
 }
 
 /// The user a child runs as, resolved before the fork.
@@ -62,6 +64,7 @@ impl ExecPlan {
             env: env.into_iter().map(CString::into_bytes_with_nul).collect(),
             listen_pid: None,
             credentials: None,
+            death_signal: libc::SIGKILL,
         }
     }
 
@@ -71,6 +74,13 @@ impl ExecPlan {
         slot.resize(slot.len() + PID_DIGITS + 1, 0);
         self.env.push(slot);
         self.listen_pid = Some(self.env.len() - 1);
+        self
+    }
+
+    /// The signal the child gets when the supervisor dies (SIGKILL unless
+    /// set): a worker's drain signal lets it finish its requests.
+    pub fn with_death_signal(mut self, signal: nix::sys::signal::Signal) -> ExecPlan {
+        self.death_signal = signal as libc::c_int;
         self
     }
 
@@ -122,6 +132,7 @@ pub fn spawn(
         stdin: stdin.as_raw_fd(),
         output: output.map_or(-1, |fd| fd.as_raw_fd()),
         credentials: plan.credentials.as_ref(),
+        death_signal: plan.death_signal,
         report: err_write.as_raw_fd(),
         parent: nix::unistd::getpid().as_raw(),
     };
@@ -154,6 +165,7 @@ struct ChildContext<'a> {
     /// Where stdout and stderr go; -1 keeps baton's.
     output: RawFd,
     credentials: Option<&'a Credentials>,
+    death_signal: libc::c_int,
     report: RawFd,
     parent: libc::pid_t,
 }
@@ -245,7 +257,7 @@ impl ChildContext<'_> {
             }
             // After the user switch: changing credentials clears the
             // parent-death signal.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, self.death_signal, 0, 0, 0) != 0 {
                 self.fail_on(report, Step::ParentDeathSignal);
             }
             // The supervisor may have died before the prctl took effect.

@@ -138,12 +138,26 @@ fn a_worker_that_keeps_crashing_is_restarted_with_growing_delays() {
 }
 
 #[test]
-fn killing_baton_takes_its_workers_with_it() {
+fn killing_baton_makes_its_workers_finish_their_requests_and_exit() {
     let baton = py("");
     let worker = baton.worker_pid(1).expect("generation 1 runs");
+    let addr = baton.address("http");
+    let slow_addr = addr.clone();
+    let slow = std::thread::spawn(move || {
+        baton_tests::http::get(&slow_addr, "/slow?ms=1500", Duration::from_secs(20))
+    });
+    // A request on a later connection answered: the slow one, queued first,
+    // was accepted.
+    wait_for("the worker to answer", Duration::from_secs(10), || {
+        baton_tests::http::get(&addr, "/", Duration::from_secs(5)).ok()
+    });
     baton.signal(Signal::SIGKILL);
+    // The parent-death signal is the drain signal: the request in flight is
+    // answered, and then the worker is gone.
+    let answered = slow.join().expect("the slow request's thread");
+    assert!(answered.is_ok(), "cut by baton's death: {answered:?}");
     wait_for(
-        "the orphaned worker to die",
+        "the orphaned worker to exit",
         Duration::from_secs(10),
         || process_gone(worker).then_some(()),
     );
