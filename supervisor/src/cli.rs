@@ -45,7 +45,9 @@ pub enum Command {
     ///   baton run --listen http=tcp://127.0.0.1:8080 -- ./my-server
     ///
     /// Signals: HUP reloads; TERM and INT drain every generation and exit 0
-    /// (a second TERM or INT kills them at once).
+    /// (a second TERM or INT kills them at once); QUIT kills them at once.
+    /// Exit status: 0 after a clean stop, 124 when --stop-timeout ran out,
+    /// 1 when the first generation never served or baton could not start.
     Run(Box<RunArgs>),
     /// Start a new generation and retire the serving one once it is ready.
     Reload {
@@ -64,6 +66,14 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Print a shell completion script: `source <(baton completions bash)`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print baton's man page (roff): `baton man | man -l -`.
+    Man,
     /// Drain every generation, then make the supervisor exit.
     ///
     /// Safe to repeat: a second `baton stop` waits for the same drain. Only
@@ -155,6 +165,16 @@ pub struct RunArgs {
     /// successor fails and the old generation thaws.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     pub freeze_timeout: Duration,
+    /// Bound every stop: once a stop (SIGTERM, SIGINT, `baton stop`) has
+    /// taken this long, every worker left is killed and baton exits 124. Set
+    /// it below the grace period of whatever stops baton (Kubernetes'
+    /// terminationGracePeriodSeconds, systemd's TimeoutStopSec).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub stop_timeout: Option<Duration>,
+    /// Serve Prometheus metrics on GET /metrics at ADDR, like
+    /// tcp://127.0.0.1:9090.
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// The worker command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -238,6 +258,8 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 group: args.group,
                 max_state: args.max_state,
                 freeze_timeout: args.freeze_timeout,
+                stop_timeout: args.stop_timeout,
+                metrics: args.metrics,
             })
             .await
         }
@@ -268,6 +290,24 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 }
             }
             Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "baton", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            let mut page = Vec::new();
+            man.render(&mut page).map_err(|e| Error::Io {
+                context: "rendering the man page".into(),
+                source: e,
+            })?;
+            use std::io::Write;
+            std::io::stdout().write_all(&page).map_err(|e| Error::Io {
+                context: "writing the man page".into(),
+                source: e,
+            })
         }
         Command::Stop { now, control } => {
             ask(&control, &Request::Stop { now }).await?;

@@ -21,7 +21,8 @@ use crate::api::{Reply, Request};
 pub enum Event {
     /// SIGHUP: reload.
     Reload,
-    /// SIGTERM or SIGINT: drain everything and exit (a second one: kill now).
+    /// SIGTERM or SIGINT: drain everything and exit (a second one: kill
+    /// now). SIGQUIT: kill everything now and exit.
     Signal(Signal),
     /// SIGCHLD: one or more children changed state.
     Child,
@@ -72,6 +73,8 @@ pub enum Event {
         /// The generation the build was for.
         generation: u64,
     },
+    /// `--stop-timeout` passed since the stop began.
+    StopTimeout,
     /// The back-off after a crash is over; `seq` tells stale ones apart.
     RestartDue {
         /// The restart this timer was armed for.

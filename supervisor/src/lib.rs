@@ -36,6 +36,7 @@ pub mod generations;
 pub mod host;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod run;
 pub mod spawn;
@@ -131,6 +132,12 @@ pub enum Error {
         /// The socket's path.
         path: PathBuf,
     },
+    /// `--stop-timeout` ran out; the workers left were killed.
+    #[error(
+        "the stop took longer than --stop-timeout ({}); the workers left were killed",
+        humantime::format_duration(*.0)
+    )]
+    StopTimedOut(std::time::Duration),
     /// The first generation never served, so `baton run` gives up.
     #[error("the first generation did not start: {0}")]
     FirstGeneration(String),
@@ -148,4 +155,16 @@ pub enum Error {
         /// Why it failed.
         source: std::io::Error,
     },
+}
+
+impl Error {
+    /// The exit status baton ends with for this error: 124 when
+    /// `--stop-timeout` ran out (as `timeout(1)` says a command timed out),
+    /// 1 for everything else. A clean stop is 0.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::StopTimedOut(_) => 124,
+            _ => 1,
+        }
+    }
 }

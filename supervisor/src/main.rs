@@ -44,7 +44,7 @@ fn run(cli: baton::cli::Cli) -> ExitCode {
             // Every error message already carries its causes.
             let prefix = baton::logging::error_prefix();
             baton::logging::line(&format!("{prefix}baton: {e}"));
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::host::OsHost;
 use crate::listener::{Activated, Listener};
 use crate::notify::Systemd;
 use crate::spawn::{Launcher, RunAs};
-use crate::supervisor::{Config, Supervisor};
+use crate::supervisor::{Config, Outcome, Supervisor};
 use crate::watch;
 use crate::Error;
 
@@ -65,13 +65,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
     .map_err(|e| io("unblocking signals", e.into()))?;
     // The signal table. Registered before any child exists, so no exit is
     // missed.
-    let signals: [(SignalKind, fn() -> Event); 4] = [
+    let signals: [(SignalKind, fn() -> Event); 5] = [
         (SignalKind::hangup(), || Event::Reload),
         (SignalKind::terminate(), || {
             Event::Signal(nix::sys::signal::Signal::SIGTERM)
         }),
         (SignalKind::interrupt(), || {
             Event::Signal(nix::sys::signal::Signal::SIGINT)
+        }),
+        (SignalKind::quit(), || {
+            Event::Signal(nix::sys::signal::Signal::SIGQUIT)
         }),
         (SignalKind::child(), || Event::Child),
     ];
@@ -93,12 +96,23 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     tracing::info!("control socket {}", control.path().display());
 
+    let metrics = config.metrics;
     let host = OsHost::new(launcher, listeners, tx, Systemd::from_env());
     let mut supervisor = Supervisor::new(config, host);
+    if let Some(addr) = metrics {
+        let (publish, published) = tokio::sync::watch::channel(Default::default());
+        let bound = crate::metrics::serve(addr, published, control.connections()).await?;
+        tracing::info!("metrics on http://{bound}/metrics");
+        supervisor.publish_metrics(publish);
+    }
     supervisor.start();
-    let result = supervisor.serve(rx).await;
+    let outcome = supervisor.serve(rx).await;
     control.finish(Duration::from_secs(1)).await;
-    result.map_err(Error::FirstGeneration)
+    match outcome {
+        Outcome::Stopped => Ok(()),
+        Outcome::StopTimedOut(limit) => Err(Error::StopTimedOut(limit)),
+        Outcome::FirstGenerationFailed(reason) => Err(Error::FirstGeneration(reason)),
+    }
 }
 
 /// Refuses a listener name given twice: workers find listeners by name.

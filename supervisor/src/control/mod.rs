@@ -17,6 +17,7 @@ mod files;
 use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,8 @@ pub struct ControlSocket {
     files: files::ControlFiles,
     /// One permit per connection being served; `finish` takes them all.
     slots: Arc<Semaphore>,
+    /// Connections accepted so far (for `--metrics`).
+    connections: Arc<AtomicU64>,
     listener: Option<std::os::unix::net::UnixListener>,
 }
 
@@ -57,6 +60,7 @@ impl ControlSocket {
         Ok(ControlSocket {
             files,
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            connections: Arc::default(),
             listener: Some(listener),
         })
     }
@@ -80,8 +84,18 @@ impl ControlSocket {
             .take()
             .ok_or_else(|| error(io::Error::other("already serving")))?;
         let listener = UnixListener::from_std(std_listener).map_err(error)?;
-        tokio::spawn(accept_loop(listener, self.slots.clone(), events));
+        tokio::spawn(accept_loop(
+            listener,
+            self.slots.clone(),
+            self.connections.clone(),
+            events,
+        ));
         Ok(())
+    }
+
+    /// How many connections were accepted so far, counted as they come.
+    pub fn connections(&self) -> Arc<AtomicU64> {
+        self.connections.clone()
     }
 
     /// Lets connections that are writing their answer (say, to `baton stop`)
@@ -92,7 +106,12 @@ impl ControlSocket {
     }
 }
 
-async fn accept_loop(listener: UnixListener, slots: Arc<Semaphore>, events: mpsc::Sender<Event>) {
+async fn accept_loop(
+    listener: UnixListener,
+    slots: Arc<Semaphore>,
+    connections: Arc<AtomicU64>,
+    events: mpsc::Sender<Event>,
+) {
     let me = nix::unistd::geteuid().as_raw();
     // Connections still sending their request. When there are too many, the
     // oldest is dropped: a crowd of idle clients churns through here while a
@@ -111,6 +130,7 @@ async fn accept_loop(listener: UnixListener, slots: Arc<Semaphore>, events: mpsc
         if events.is_closed() {
             return;
         }
+        connections.fetch_add(1, Ordering::Relaxed);
         let uid = stream.peer_cred().map(|c| c.uid());
         match uid {
             Ok(uid) if uid == 0 || uid == me => {}

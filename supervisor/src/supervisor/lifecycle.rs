@@ -62,6 +62,9 @@ impl<H: Host> Supervisor<H> {
         self.stopping = true;
         self.reloads.restart.starting = None;
         tracing::info!("stopping: draining every generation");
+        if let Some(limit) = self.config.stop_timeout {
+            self.host.arm(limit, crate::event::Event::StopTimeout);
+        }
         self.host.systemd("STOPPING=1");
         if let Some(number) = self.reloads.in_flight.as_ref().map(|f| f.generation) {
             self.begin_drain(number, "baton is stopping");
@@ -73,6 +76,20 @@ impl<H: Host> Supervisor<H> {
         for n in self.generations.numbers() {
             self.begin_drain(n, "baton is stopping");
         }
+    }
+
+    /// `--stop-timeout` ran out: whatever still runs is killed, and baton
+    /// says so in its exit status.
+    pub(super) fn on_stop_timeout(&mut self) {
+        if self.is_done() {
+            return;
+        }
+        let left = self.generations.numbers().len();
+        tracing::error!(
+            "the stop took longer than --stop-timeout: killing the {left} generations left"
+        );
+        self.stop_timed_out = true;
+        self.kill_all();
     }
 
     /// Child `pid` exited: the build, a generation's worker, or an orphan

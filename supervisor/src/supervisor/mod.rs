@@ -32,13 +32,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::{self, Reply, Request};
 use crate::event::Event;
 use crate::generations::{Generation, Generations, Phase};
 use crate::host::Host;
 use crate::listener::ListenSpec;
+use crate::metrics::Metrics;
 use crate::spawn::WorkerCommand;
 use crate::state::Snapshot;
 
@@ -87,6 +88,22 @@ pub struct Config {
     /// `--freeze-timeout`: how long a generation may stay frozen for a
     /// successor that is not ready yet (nobody accepts meanwhile).
     pub freeze_timeout: Duration,
+    /// `--stop-timeout`: how long a whole stop may take before every worker
+    /// left is killed.
+    pub stop_timeout: Option<Duration>,
+    /// `--metrics`: where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// How the loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stopped, every worker drained (or killed on request).
+    Stopped,
+    /// `--stop-timeout` ran out and the workers left were killed.
+    StopTimedOut(Duration),
+    /// The first generation never served.
+    FirstGenerationFailed(String),
 }
 
 /// The state the event loop owns.
@@ -105,6 +122,12 @@ pub struct Supervisor<H: Host> {
     /// The latest kept values: a frozen snapshot or a checkpoint. A crash
     /// restart starts from it.
     kept: Option<Snapshot>,
+    /// What `--metrics` shows; published after every event.
+    metrics: Metrics,
+    /// Where the metrics go (`None`: nobody asked for them).
+    publish: Option<watch::Sender<Metrics>>,
+    /// `--stop-timeout` ran out.
+    stop_timed_out: bool,
 }
 
 impl<H: Host> Supervisor<H> {
@@ -121,7 +144,36 @@ impl<H: Host> Supervisor<H> {
             stop_waiters: Vec::new(),
             fatal: None,
             kept: None,
+            metrics: Metrics::default(),
+            publish: None,
+            stop_timed_out: false,
         }
+    }
+
+    /// Publishes the metrics to `publish` after every event.
+    pub fn publish_metrics(&mut self, publish: watch::Sender<Metrics>) {
+        self.publish = Some(publish);
+        self.publish();
+    }
+
+    /// Sends the current metrics to whoever serves them.
+    fn publish(&mut self) {
+        let Some(publish) = &self.publish else {
+            return;
+        };
+        let m = &mut self.metrics;
+        m.serving_generation = self.generations.serving();
+        m.workers = [Phase::Starting, Phase::Serving, Phase::Draining]
+            .map(|p| self.generations.numbers_in(p).len() as u64);
+        m.kept_bytes = self.kept.as_ref().map(|k| k.bytes);
+        m.stopping = self.stopping;
+        publish.send_if_modified(|old| {
+            let changed = *old != *m;
+            if changed {
+                old.clone_from(m);
+            }
+            changed
+        });
     }
 
     /// Starts the first generation.
@@ -135,8 +187,7 @@ impl<H: Host> Supervisor<H> {
     }
 
     /// Handles events until every generation has exited after a stop.
-    /// Returns the first generation's failure, if that is why it stopped.
-    pub async fn serve(&mut self, mut events: mpsc::Receiver<Event>) -> Result<(), String> {
+    pub async fn serve(&mut self, mut events: mpsc::Receiver<Event>) -> Outcome {
         while !self.is_done() {
             // The host holds a sender itself, so the queue never closes.
             let Some(event) = events.recv().await else {
@@ -147,27 +198,37 @@ impl<H: Host> Supervisor<H> {
         self.finish()
     }
 
-    /// Answers the stop's waiters; the first generation's failure, if that
-    /// is why baton stopped.
-    fn finish(&mut self) -> Result<(), String> {
+    /// Answers the stop's waiters, and says how the loop ended.
+    fn finish(&mut self) -> Outcome {
         for waiter in self.stop_waiters.drain(..) {
             let _ = waiter.send(Reply::Stopped);
         }
-        match self.fatal.take() {
-            Some(reason) => Err(reason),
-            None => {
+        match (self.fatal.take(), self.config.stop_timeout) {
+            (Some(reason), _) => Outcome::FirstGenerationFailed(reason),
+            (None, Some(limit)) if self.stop_timed_out => Outcome::StopTimedOut(limit),
+            (None, _) => {
                 tracing::info!("every generation has exited; baton stops");
-                Ok(())
+                Outcome::Stopped
             }
         }
     }
 
     /// Reacts to one event.
     pub fn handle(&mut self, event: Event) {
+        self.react(event);
+        self.publish();
+    }
+
+    fn react(&mut self, event: Event) {
         match event {
             Event::Reload => {
                 tracing::info!("SIGHUP: reloading");
                 self.request_reload(None);
+            }
+            Event::Signal(Signal::SIGQUIT) => {
+                tracing::warn!("SIGQUIT: killing every generation now");
+                self.begin_stop();
+                self.kill_all();
             }
             Event::Signal(signal) if self.stopping => {
                 tracing::warn!("{signal} while stopping: killing every generation now");
@@ -208,6 +269,7 @@ impl<H: Host> Supervisor<H> {
             Event::BuildOutput { generation, tail } => self.on_build_output(generation, tail),
             Event::BuildOutputLate { generation } => self.on_build_output_late(generation),
             Event::RestartDue { seq } => self.on_restart_due(seq),
+            Event::StopTimeout => self.on_stop_timeout(),
         }
     }
 

@@ -286,6 +286,7 @@ impl<H: Host> Supervisor<H> {
                 self.spawn_generation(number);
             }
             (Some(Err(how)), tail) => {
+                self.metrics.build_failures += 1;
                 let failure = Failure::Build {
                     script,
                     how,
@@ -367,6 +368,7 @@ impl<H: Host> Supervisor<H> {
         self.finish_in_flight(number, Ok(()));
         if let (Some(pause), Some(r)) = (pause, self.reloads.last.as_mut()) {
             r.accept_pause_ms = Some(pause.as_secs_f64() * 1000.0);
+            self.metrics.last_accept_pause = Some(pause.as_secs_f64());
         }
     }
 
@@ -403,6 +405,10 @@ impl<H: Host> Supervisor<H> {
         }
         let ms = in_flight.started.elapsed().as_millis() as u64;
         let reload = in_flight.purpose == Purpose::Reload;
+        if reload {
+            self.metrics
+                .reload(result.is_ok(), in_flight.started.elapsed());
+        }
         match &result {
             Ok(()) => {
                 self.reloads.ever_served = true;

@@ -63,6 +63,7 @@ impl<H: Host> Supervisor<H> {
         self.next_generation += 1;
         match self.host.spawn_worker(number) {
             Ok(pid) => {
+                self.metrics.worker_restarts += 1;
                 self.add_generation(number, pid);
                 self.reloads.restart.starting = Some((number, Instant::now()));
             }

@@ -142,6 +142,8 @@ pub(super) fn config() -> Config {
         group: None,
         max_state: 1 << 20,
         freeze_timeout: Duration::from_secs(10),
+        stop_timeout: None,
+        metrics: None,
     }
 }
 

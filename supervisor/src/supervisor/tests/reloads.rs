@@ -10,7 +10,7 @@ use super::{config, outcome, Rig};
 use crate::api::{Reply, Request, Step};
 use crate::event::{Event, Exit, Timer};
 use crate::generations::Phase;
-use crate::supervisor::{Config, Readiness};
+use crate::supervisor::{Config, Outcome, Readiness};
 
 // ---- starting and reloading --------------------------------------------
 
@@ -32,7 +32,9 @@ fn a_failed_first_generation_stops_baton_with_the_reason() {
     let mut rig = Rig::new(config());
     rig.exit(1, Exit::Code(3));
     assert!(rig.sv.is_done());
-    let reason = rig.sv.finish().expect_err("a failed first start");
+    let Outcome::FirstGenerationFailed(reason) = rig.sv.finish() else {
+        panic!("not a failed first start");
+    };
     assert!(
         reason.contains("exited with status 3 before it was ready"),
         "{reason}"
@@ -48,7 +50,9 @@ fn an_exec_failure_is_the_reason_not_the_exit_status() {
         .exec_failures
         .push((pid, "exec: No such file or directory".into()));
     rig.exit(1, Exit::Code(127));
-    let reason = rig.sv.finish().expect_err("failed");
+    let Outcome::FirstGenerationFailed(reason) = rig.sv.finish() else {
+        panic!("not a failed first start");
+    };
     assert!(
         reason.contains("exec: No such file or directory"),
         "{reason}"
@@ -361,7 +365,7 @@ fn a_stop_during_the_first_start_is_a_clean_stop() {
     assert!(rig.drained_by_signal(1));
     rig.exit(1, Exit::Code(0));
     assert!(rig.sv.is_done());
-    assert_eq!(rig.sv.finish(), Ok(()));
+    assert_eq!(rig.sv.finish(), Outcome::Stopped);
     assert_eq!(
         rig.host().systemd.last().map(String::as_str),
         Some("STOPPING=1")
@@ -383,7 +387,7 @@ fn a_repeated_stop_waits_for_the_drain_and_only_now_or_a_second_signal_kills() {
     assert!(rig.host().killed.contains(&pid));
     rig.exit(1, Exit::Signal(Signal::SIGKILL));
     assert!(rig.sv.is_done());
-    rig.sv.finish().expect("a clean stop");
+    assert_eq!(rig.sv.finish(), Outcome::Stopped);
     assert!(matches!(first.try_recv(), Ok(Reply::Stopped)));
     assert!(matches!(second.try_recv(), Ok(Reply::Stopped)));
 
@@ -393,4 +397,63 @@ fn a_repeated_stop_waits_for_the_drain_and_only_now_or_a_second_signal_kills() {
     rig.sv.handle(Event::Signal(Signal::SIGTERM));
     let pid = rig.pid(1);
     assert!(rig.host().killed.contains(&pid));
+}
+
+#[test]
+fn a_stop_that_outlasts_stop_timeout_kills_what_is_left_and_says_so() {
+    let mut rig = Rig::new(Config {
+        stop_timeout: Some(Duration::from_secs(5)),
+        ..config()
+    });
+    rig.ready(1);
+    rig.sv.handle(Event::Signal(Signal::SIGTERM));
+    assert!(rig.host().killed.is_empty());
+    rig.fire(|e| matches!(e, Event::StopTimeout));
+    let pid = rig.pid(1);
+    assert!(rig.host().killed.contains(&pid));
+    rig.exit(1, Exit::Signal(Signal::SIGKILL));
+    assert_eq!(
+        rig.sv.finish(),
+        Outcome::StopTimedOut(Duration::from_secs(5))
+    );
+
+    // In time: a clean stop, and the late timer changes nothing.
+    let mut rig = Rig::new(Config {
+        stop_timeout: Some(Duration::from_secs(5)),
+        ..config()
+    });
+    rig.ready(1);
+    rig.sv.handle(Event::Signal(Signal::SIGTERM));
+    rig.exit(1, Exit::Code(0));
+    rig.fire(|e| matches!(e, Event::StopTimeout));
+    assert_eq!(rig.sv.finish(), Outcome::Stopped);
+}
+
+#[test]
+fn sigquit_kills_at_once() {
+    let mut rig = Rig::serving();
+    rig.sv.handle(Event::Signal(Signal::SIGQUIT));
+    let pid = rig.pid(1);
+    assert!(rig.host().killed.contains(&pid));
+    assert!(rig.status().stopping);
+}
+
+#[test]
+fn the_published_metrics_follow_the_loop() {
+    let mut rig = Rig::serving();
+    let (publish, metrics) = tokio::sync::watch::channel(Default::default());
+    rig.sv.publish_metrics(publish);
+    assert_eq!(metrics.borrow().serving_generation, Some(1));
+    let mut answer = rig.reload();
+    assert_eq!(metrics.borrow().workers, [1, 1, 0]);
+    rig.ready(2);
+    assert!(outcome(&mut answer).ok);
+    let m = metrics.borrow().clone();
+    assert_eq!(
+        (m.serving_generation, m.reloads_ok, m.workers),
+        (Some(2), 1, [0, 1, 1])
+    );
+    rig.exit(2, Exit::Signal(Signal::SIGKILL));
+    rig.fire(|e| matches!(e, Event::RestartDue { .. }));
+    assert_eq!(metrics.borrow().worker_restarts, 1);
 }
