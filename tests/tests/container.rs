@@ -76,12 +76,7 @@ fn as_pid_1_baton_reaps_every_orphan_and_drains_on_sigterm_under_load() {
     // exits 0.
     let addr = baton.address("http");
     let slow: Vec<_> = (0..8)
-        .map(|_| {
-            let addr = addr.clone();
-            std::thread::spawn(move || {
-                baton_tests::http::get(&addr, "/slow?ms=1000", Duration::from_secs(20))
-            })
-        })
+        .map(|_| baton_tests::http::in_flight(&addr, "/slow?ms=1000", Duration::from_secs(20)))
         .collect();
     // A request on a later connection answered: the slow ones, queued
     // first, were accepted.

@@ -142,10 +142,7 @@ fn killing_baton_makes_its_workers_finish_their_requests_and_exit() {
     let baton = py("");
     let worker = baton.worker_pid(1).expect("generation 1 runs");
     let addr = baton.address("http");
-    let slow_addr = addr.clone();
-    let slow = std::thread::spawn(move || {
-        baton_tests::http::get(&slow_addr, "/slow?ms=1500", Duration::from_secs(20))
-    });
+    let slow = baton_tests::http::in_flight(&addr, "/slow?ms=1500", Duration::from_secs(20));
     // A request on a later connection answered: the slow one, queued first,
     // was accepted.
     wait_for("the worker to answer", Duration::from_secs(10), || {

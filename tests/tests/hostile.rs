@@ -522,10 +522,7 @@ fn a_repeated_stop_lets_in_flight_requests_finish_and_only_stop_now_kills() {
             .pyworker("")
             .start();
         let addr = baton.address("http");
-        let slow_addr = addr.clone();
-        let slow = std::thread::spawn(move || {
-            http::get(&slow_addr, "/slow?ms=3000", Duration::from_secs(20))
-        });
+        let slow = http::in_flight(&addr, "/slow?ms=3000", Duration::from_secs(20));
         // A request on a later connection answered means the slow one, queued
         // first, was accepted.
         wait_for("the worker to answer", Duration::from_secs(10), || {
