@@ -211,6 +211,35 @@ pub fn read_response(stream: &mut impl Read) -> Result<Response, String> {
     })
 }
 
+/// Starts `GET path` on a new connection now (connected and sent before
+/// this returns, so it is queued ahead of any later connection) and reads
+/// its answer on a thread of its own, within `timeout`. For requests that
+/// must be in flight when something happens.
+pub fn in_flight(
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::thread::JoinHandle<Result<Response, String>> {
+    let connected = std::net::TcpStream::connect(addr)
+        .map_err(|e| format!("connecting to {addr}: {e}"))
+        .and_then(|mut stream| {
+            stream
+                .set_read_timeout(Some(timeout))
+                .map_err(|e| format!("setting a read timeout: {e}"))?;
+            send_get(&mut stream, path)?;
+            Ok(stream)
+        });
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        let mut stream = connected?;
+        let response = read_response(&mut stream)?;
+        if response.status != 200 {
+            return Err(format!("GET {path}: status {}", response.status));
+        }
+        Ok(response)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,33 +305,4 @@ mod tests {
         assert!(response.closes());
         assert_eq!(response.json().expect("JSON"), serde_json::json!({}));
     }
-}
-
-/// Starts `GET path` on a new connection now (connected and sent before
-/// this returns, so it is queued ahead of any later connection) and reads
-/// its answer on a thread of its own, within `timeout`. For requests that
-/// must be in flight when something happens.
-pub fn in_flight(
-    addr: &str,
-    path: &str,
-    timeout: Duration,
-) -> std::thread::JoinHandle<Result<Response, String>> {
-    let connected = std::net::TcpStream::connect(addr)
-        .map_err(|e| format!("connecting to {addr}: {e}"))
-        .and_then(|mut stream| {
-            stream
-                .set_read_timeout(Some(timeout))
-                .map_err(|e| format!("setting a read timeout: {e}"))?;
-            send_get(&mut stream, path)?;
-            Ok(stream)
-        });
-    let path = path.to_owned();
-    std::thread::spawn(move || {
-        let mut stream = connected?;
-        let response = read_response(&mut stream)?;
-        if response.status != 200 {
-            return Err(format!("GET {path}: status {}", response.status));
-        }
-        Ok(response)
-    })
 }
