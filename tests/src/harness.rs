@@ -111,6 +111,15 @@ pub fn process_gone(pid: i32) -> bool {
     }
 }
 
+/// The children of process `pid`, from `/proc`.
+pub fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// One running `baton run`.
 pub struct Baton {
     /// The test's own temporary directory (control socket, logs, files).

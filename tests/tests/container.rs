@@ -10,15 +10,6 @@ use baton_tests::harness::{self, process_gone, pyworker, wait_for, Baton, Load};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The children of process `pid`, from `/proc`.
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 /// Whether process `pid` is a zombie nobody has reaped.
 fn zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -45,7 +36,7 @@ fn as_pid_1_baton_reaps_every_orphan_and_drains_on_sigterm_under_load() {
         .start();
     // The harness started `unshare`; baton is its only child, PID 1 inside.
     let pid1 = wait_for("baton as PID 1", Duration::from_secs(10), || {
-        children(baton.pid()).first().copied()
+        harness::children(baton.pid()).first().copied()
     });
     let ns_pid = std::fs::read_to_string(format!("/proc/{pid1}/status"))
         .expect("status")
@@ -67,7 +58,7 @@ fn as_pid_1_baton_reaps_every_orphan_and_drains_on_sigterm_under_load() {
     // them; /proc here numbers them as the host does.)
     baton.wait_settled();
     wait_for("every orphan to be reaped", Duration::from_secs(20), || {
-        let kids = children(pid1);
+        let kids = harness::children(pid1);
         (kids.len() == 1 && kids.iter().all(|&k| !zombie(k))).then_some(())
     });
     load.wait_ok(20);

@@ -95,6 +95,30 @@ fn workers_of_another_user_reach_their_notify_socket_from_a_private_control_dire
     }
 }
 
+/// Sends `message` to the datagram socket at `path` as user `uid`, from a
+/// Python of Debian's (one another user can run); the outcome as Python
+/// printed it: `sent`, or `refused ERRNO`.
+fn send_as(uid: u32, path: &str, message: &str) -> String {
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "/usr/bin/python3", "-c"])
+        .arg(
+            "import socket,sys\n\
+             s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
+             try:\n  s.sendto(sys.argv[2].encode(),sys.argv[1]); print('sent')\n\
+             except OSError as e: print('refused', e.errno)\n",
+        )
+        .args([path, message])
+        .output()
+        .expect("running setpriv");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 #[test]
 fn no_other_user_can_make_a_starting_generation_ready() {
     if !harness::root("acting as other users needs it") {
@@ -129,49 +153,15 @@ fn no_other_user_can_make_a_starting_generation_ready() {
     let notify = wait_for("its NOTIFY_SOCKET", Duration::from_secs(10), || {
         environ(pid, "NOTIFY_SOCKET")
     });
-    // A stranger (uid 65533) says READY=1, in every way it can.
-    let stranger = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65533",
-            "--regid=65533",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-        ])
-        .arg(
-            "import socket,sys\n\
-             s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
-             try:\n  s.sendto(b'READY=1',sys.argv[1]); print('sent')\n\
-             except OSError as e: print('refused', e.errno)\n",
-        )
-        .arg(&notify)
-        .output()
-        .expect("running setpriv");
-    let said = String::from_utf8_lossy(&stranger.stdout);
+    // A stranger (uid 65533) says READY=1.
+    let said = send_as(65533, &notify, "READY=1");
     assert!(
         said.starts_with("refused"),
-        "the stranger could send: {said} {}",
-        String::from_utf8_lossy(&stranger.stderr)
+        "the stranger could send: {said}"
     );
     // A message of the worker's own user after it, as a barrier: once it is
     // seen, anything the stranger got through would have been too.
-    let own = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-        ])
-        .arg(
-            "import socket,sys\n\
-             s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
-             s.sendto(b'STATUS=barrier',sys.argv[1])\n",
-        )
-        .arg(&notify)
-        .status()
-        .expect("running setpriv");
-    assert!(own.success());
+    assert_eq!(send_as(65534, &notify, "STATUS=barrier"), "sent");
     wait_for("the barrier", Duration::from_secs(10), || {
         let status = baton.status();
         let g2 = status["generations"]
@@ -186,23 +176,7 @@ fn no_other_user_can_make_a_starting_generation_ready() {
     let g2 = &status["generations"].as_array().expect("generations")[1];
     assert_eq!(g2["state"], "starting", "{status}");
     // The worker's own user may.
-    let ready = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-        ])
-        .arg(
-            "import socket,sys\n\
-             s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
-             s.sendto(b'READY=1',sys.argv[1])\n",
-        )
-        .arg(&notify)
-        .status()
-        .expect("running setpriv");
-    assert!(ready.success());
+    assert_eq!(send_as(65534, &notify, "READY=1"), "sent");
     baton.wait_serving(2);
     load.finish().assert_no_failures();
 }
@@ -665,15 +639,6 @@ fn with_a_low_descriptor_limit_reloads_under_load_lose_nothing_and_leak_nothing(
     load.finish().assert_no_failures();
 }
 
-/// baton's children, from `/proc`.
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("/proc/PID/fd")
@@ -699,7 +664,7 @@ fn a_snapshot_lost_to_the_descriptor_limit_fails_the_reload_and_the_old_generati
     baton.set_flags("--keep-delay 3000");
     baton.signal(Signal::SIGHUP);
     let successor = wait_for("generation 2 to run", Duration::from_secs(10), || {
-        children(pid).into_iter().find(|&c| {
+        harness::children(pid).into_iter().find(|&c| {
             std::fs::read(format!("/proc/{c}/cmdline"))
                 .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("--keep-delay"))
         })

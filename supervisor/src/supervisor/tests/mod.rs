@@ -234,6 +234,17 @@ impl Rig {
         self.request(Request::Reload { wait: true })
     }
 
+    /// The build of generation `generation` (the `index`th build run)
+    /// exits with `exit` and its output ends with `tail`.
+    pub(super) fn build_ends(&mut self, index: usize, generation: u64, exit: Exit, tail: &str) {
+        let (_, build) = self.host().builds[index];
+        self.exit_pid(build, exit);
+        self.sv.handle(Event::BuildOutput {
+            generation,
+            tail: tail.into(),
+        });
+    }
+
     pub(super) fn status(&mut self) -> Status {
         match self.request(Request::Status).try_recv() {
             Ok(Reply::Status(status)) => *status,

@@ -182,12 +182,7 @@ fn a_build_gates_the_start_and_a_failed_one_keeps_the_old_generation() {
     rig.ready(1);
 
     let mut answer = rig.reload();
-    let (_, build) = rig.host().builds[1];
-    rig.sv.handle(Event::BuildOutput {
-        generation: 2,
-        tail: "error[E0425]: cannot find value".into(),
-    });
-    rig.exit_pid(build, Exit::Code(101));
+    rig.build_ends(1, 2, Exit::Code(101), "error[E0425]: cannot find value");
     let error = outcome(&mut answer).error.unwrap_or_default();
     assert!(error.contains("exited with status 101"), "{error}");
     assert!(error.contains("cannot find value"), "{error}");
@@ -275,12 +270,7 @@ fn a_crash_during_a_build_restarts_at_once_beside_it() {
     assert_eq!(rig.status().generation, Some(3));
     assert_eq!(rig.step(), Some(Step::Building));
     // The build ends: the reload's generation replaces the restarted one.
-    let (_, build) = rig.host().builds[0];
-    rig.exit_pid(build, Exit::Code(0));
-    rig.sv.handle(Event::BuildOutput {
-        generation: 2,
-        tail: String::new(),
-    });
+    rig.build_ends(0, 2, Exit::Code(0), "");
     rig.ready(2);
     assert!(outcome(&mut answer).ok);
     assert_eq!(rig.phase(3), Some(Phase::Draining));
@@ -313,12 +303,7 @@ fn a_reload_triggered_while_a_crash_restart_waits_is_a_reload() {
         .systemd
         .iter()
         .any(|m| m.starts_with("RELOADING=1")));
-    let (_, build) = rig.host().builds[0];
-    rig.exit_pid(build, Exit::Code(0));
-    rig.sv.handle(Event::BuildOutput {
-        generation: 2,
-        tail: String::new(),
-    });
+    rig.build_ends(0, 2, Exit::Code(0), "");
     rig.ready(2);
     assert!(outcome(&mut answer).ok);
     // The back-off timer, when it fires, finds a generation serving.
