@@ -73,6 +73,9 @@ pub trait Host {
     fn systemd(&mut self, message: &str);
     /// `RELOADING=1` with its `MONOTONIC_USEC=`, and `STATUS=status`.
     fn systemd_reloading(&mut self, status: &str);
+    /// Keeps the latest kept values in systemd's file descriptor store
+    /// (`None`: there are none), so that a crash of baton loses none.
+    fn store_kept(&mut self, snapshot: Option<BorrowedFd<'_>>);
     /// The listeners, for `status`.
     fn listeners(&self) -> Vec<ListenerStatus>;
 }
@@ -267,6 +270,10 @@ impl Host for OsHost {
 
     fn systemd_reloading(&mut self, status: &str) {
         self.systemd.reloading(status);
+    }
+
+    fn store_kept(&mut self, snapshot: Option<BorrowedFd<'_>>) {
+        self.systemd.store(crate::state::STORE_NAME, snapshot);
     }
 
     fn listeners(&self) -> Vec<ListenerStatus> {

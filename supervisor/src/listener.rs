@@ -105,28 +105,61 @@ impl Listener {
             addr: spec.addr.to_string(),
             source,
         };
-        let (socket, kind, unlink) = match &spec.addr {
-            ListenSource::Bind(ListenAddr::Tcp(addr)) => (
+        let stored = activated.take_stored(&store_name(&spec.name));
+        let (socket, kind, unlink) = match (&spec.addr, stored) {
+            // A crashed baton left it in systemd's store: the same socket,
+            // with its queue, if it is still what `--listen` asks for.
+            (ListenSource::Bind(addr), Some(fd)) => {
+                let socket = Socket::from(fd);
+                let kind = kind_of(&socket).map_err(|reason| {
+                    Error::Activation(format!(
+                        "the socket systemd's store kept as `{}` {reason}",
+                        spec.name
+                    ))
+                })?;
+                let same = match (addr, socket.local_addr().ok()) {
+                    (ListenAddr::Tcp(a) | ListenAddr::Udp(a), Some(local)) => {
+                        local.as_socket().is_some_and(|l| a.port() == 0 || l == *a)
+                    }
+                    (ListenAddr::Unix(p) | ListenAddr::UnixDgram(p), Some(local)) => {
+                        local.as_pathname() == Some(p.as_path())
+                    }
+                    _ => false,
+                };
+                if !same {
+                    return Err(Error::Activation(format!(
+                        "--listen {}={addr}: the socket systemd's store kept under that name \
+                         is bound elsewhere; stop the unit (which empties the store) to bind anew",
+                        spec.name
+                    )));
+                }
+                let unlink = match addr {
+                    ListenAddr::Unix(p) | ListenAddr::UnixDgram(p) => Some(p.clone()),
+                    _ => None,
+                };
+                (socket, kind, unlink)
+            }
+            (ListenSource::Bind(ListenAddr::Tcp(addr)), None) => (
                 bind_inet(*addr, Type::STREAM).map_err(bind_err)?,
                 ListenerKind::Tcp,
                 None,
             ),
-            ListenSource::Bind(ListenAddr::Udp(addr)) => (
+            (ListenSource::Bind(ListenAddr::Udp(addr)), None) => (
                 bind_inet(*addr, Type::DGRAM).map_err(bind_err)?,
                 ListenerKind::Udp,
                 None,
             ),
-            ListenSource::Bind(ListenAddr::Unix(path)) => (
+            (ListenSource::Bind(ListenAddr::Unix(path)), None) => (
                 bind_unix(path, Type::STREAM).map_err(bind_err)?,
                 ListenerKind::Unix,
                 Some(path.clone()),
             ),
-            ListenSource::Bind(ListenAddr::UnixDgram(path)) => (
+            (ListenSource::Bind(ListenAddr::UnixDgram(path)), None) => (
                 bind_unix(path, Type::DGRAM).map_err(bind_err)?,
                 ListenerKind::UnixDgram,
                 Some(path.clone()),
             ),
-            ListenSource::Systemd => {
+            (ListenSource::Systemd, _) => {
                 let socket = activated.take(&spec.name)?;
                 let kind = kind_of(&socket).map_err(|reason| {
                     Error::Activation(format!(
@@ -160,6 +193,17 @@ impl Listener {
             fd: socket.into(),
             unlink_on_exit: unlink,
         })
+    }
+
+    /// Whether baton bound it (so only baton holds it, and a crash of
+    /// baton would close it unless systemd's store keeps it).
+    pub fn bound_by_baton(&self) -> bool {
+        !matches!(self.spec, ListenSource::Systemd)
+    }
+
+    /// The name it is kept under in systemd's file descriptor store.
+    pub fn store_name(&self) -> String {
+        store_name(&self.name)
     }
 
     /// How the worker protocol describes this listener.
@@ -285,6 +329,15 @@ impl Activated {
         }
     }
 
+    /// Takes the descriptor passed under `name`, if one was (descriptors
+    /// baton left in systemd's store before a crash come back this way).
+    pub fn take_stored(&mut self, name: &str) -> Option<OwnedFd> {
+        self.fds
+            .iter_mut()
+            .find(|(n, fd)| n == name && fd.is_some())
+            .and_then(|(_, fd)| fd.take())
+    }
+
     /// Names of passed sockets nobody adopted (they are closed).
     pub fn unused(&self) -> Vec<String> {
         self.fds
@@ -293,6 +346,11 @@ impl Activated {
             .map(|(n, _)| n.clone())
             .collect()
     }
+}
+
+/// The name listener `name` is kept under in systemd's store.
+fn store_name(name: &str) -> String {
+    format!("baton-listen-{name}")
 }
 
 fn bind_inet(addr: SocketAddr, ty: Type) -> std::io::Result<Socket> {

@@ -120,6 +120,11 @@ fn recv_closing_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool, Optio
 #[derive(Debug)]
 pub struct Systemd {
     target: Option<(StdDatagram, std::os::unix::net::SocketAddr)>,
+    /// `NOTIFY_SOCKET` as given, for messages that carry descriptors.
+    raw: Vec<u8>,
+    /// systemd's file descriptor store takes this many (`$FDSTORE`, systemd
+    /// 254+, set when the unit has `FileDescriptorStoreMax=`); 0: none.
+    fd_store: usize,
 }
 
 impl Systemd {
@@ -134,7 +139,65 @@ impl Systemd {
                 .ok()?;
             Some((socket, addr))
         });
-        Systemd { target }
+        let raw = std::env::var_os("NOTIFY_SOCKET")
+            .map(|p| p.as_encoded_bytes().to_vec())
+            .unwrap_or_default();
+        let fd_store = match &target {
+            Some(_) => std::env::var("FDSTORE")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+            None => 0,
+        };
+        Systemd {
+            target,
+            raw,
+            fd_store,
+        }
+    }
+
+    /// How many descriptors systemd's store keeps for baton (0: no store).
+    pub fn fd_store(&self) -> usize {
+        self.fd_store
+    }
+
+    /// Keeps `fd` in systemd's file descriptor store under `name`, in place
+    /// of what was stored under it (`None`: removes it). A no-op without a
+    /// store. What is stored comes back in `LISTEN_FDS` when systemd starts
+    /// baton again after a crash.
+    pub fn store(&self, name: &str, fd: Option<std::os::fd::BorrowedFd<'_>>) {
+        if self.fd_store == 0 {
+            return;
+        }
+        self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+        let Some(fd) = fd else {
+            return;
+        };
+        let message = format!("FDSTORE=1\nFDNAME={name}");
+        if let Err(e) = self.send_fds(message.as_bytes(), &[fd.as_raw_fd()]) {
+            tracing::warn!("storing `{name}` in systemd's file descriptor store: {e}");
+        }
+    }
+
+    /// Sends one message with descriptors attached.
+    fn send_fds(&self, message: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        let Some((socket, _)) = &self.target else {
+            return Ok(());
+        };
+        let addr = match self.raw.strip_prefix(b"@") {
+            Some(name) => socket::UnixAddr::new_abstract(name)?,
+            None => socket::UnixAddr::new(std::ffi::OsStr::from_bytes(&self.raw))?,
+        };
+        let iov = [io::IoSlice::new(message)];
+        let rights = [socket::ControlMessage::ScmRights(fds)];
+        socket::sendmsg(
+            socket.as_raw_fd(),
+            &iov,
+            &rights,
+            MsgFlags::MSG_NOSIGNAL,
+            Some(&addr),
+        )?;
+        Ok(())
     }
 
     /// Sends one message (newline-separated assignments); failures are

@@ -8,6 +8,7 @@
 //! generation 1 and run the loop until it is done. This module never decides
 //! anything about a generation: `supervisor/` does.
 
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -19,6 +20,7 @@ use crate::host::OsHost;
 use crate::listener::{Activated, Listener};
 use crate::notify::Systemd;
 use crate::spawn::{Launcher, RunAs};
+use crate::state::Snapshot;
 use crate::supervisor::{Config, Outcome, Supervisor};
 use crate::watch;
 use crate::Error;
@@ -31,7 +33,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
         source,
     };
     check_names(&config)?;
-    let listeners = bind_listeners(&config)?;
+    let systemd = Systemd::from_env();
+    let mut activated = Activated::from_env();
+    let listeners = bind_listeners(&config, &mut activated)?;
+    let kept = adopt_kept(&mut activated, config.max_state);
+    let unused = activated.unused();
+    if !unused.is_empty() {
+        tracing::warn!(
+            "systemd passed sockets no --listen NAME=systemd asks for: {}; closing them",
+            unused.join(", ")
+        );
+    }
+    drop(activated);
+    use_fd_store(&systemd, &listeners);
     let run_as = RunAs::resolve(config.user.as_deref(), config.group.as_deref())?;
     let mut control = ControlSocket::bind(&config.control)?;
     let run_parent = control
@@ -97,8 +111,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!("control socket {}", control.path().display());
 
     let metrics = config.metrics;
-    let host = OsHost::new(launcher, listeners, tx, Systemd::from_env());
+    let host = OsHost::new(launcher, listeners, tx, systemd);
     let mut supervisor = Supervisor::new(config, host);
+    supervisor.adopt_kept(kept);
     if let Some(addr) = metrics {
         let (publish, published) = tokio::sync::watch::channel(Default::default());
         let bound = crate::metrics::serve(addr, published, control.connections()).await?;
@@ -129,23 +144,63 @@ fn check_names(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// Binds every `--listen`, or adopts it from systemd; closes what systemd
-/// passed that nothing asks for.
-fn bind_listeners(config: &Config) -> Result<Vec<Listener>, Error> {
-    let mut activated = Activated::from_env();
-    let listeners = config
+/// Binds every `--listen`, or adopts it from systemd (socket activation,
+/// or the store a crashed baton left it in).
+fn bind_listeners(config: &Config, activated: &mut Activated) -> Result<Vec<Listener>, Error> {
+    config
         .listeners
         .iter()
-        .map(|spec| Listener::bind(spec, &mut activated))
-        .collect::<Result<Vec<_>, _>>()?;
-    let unused = activated.unused();
-    if !unused.is_empty() {
-        tracing::warn!(
-            "systemd passed sockets no --listen NAME=systemd asks for: {}; closing them",
-            unused.join(", ")
-        );
+        .map(|spec| Listener::bind(spec, activated))
+        .collect()
+}
+
+/// The kept values a crashed baton left in systemd's store, if any.
+fn adopt_kept(activated: &mut Activated, max_state: u64) -> Option<Snapshot> {
+    let fd = activated.take_stored(crate::state::STORE_NAME)?;
+    let bytes = nix::sys::stat::fstat(&fd).map_or(0, |st| st.st_size as u64);
+    match Snapshot::accept(0, bytes, vec![fd], max_state) {
+        Ok(kept) => {
+            tracing::info!(
+                "systemd's store kept {} of kept values from before baton restarted",
+                crate::state::size(bytes)
+            );
+            kept
+        }
+        Err(reason) => {
+            tracing::warn!("systemd's store kept values baton cannot use: {reason}");
+            None
+        }
     }
-    Ok(listeners)
+}
+
+/// Puts the listeners baton bound itself in systemd's file descriptor
+/// store, so that a crash of baton closes none of them; says whether there
+/// is a store.
+fn use_fd_store(systemd: &Systemd, listeners: &[Listener]) {
+    let own: Vec<&Listener> = listeners.iter().filter(|l| l.bound_by_baton()).collect();
+    match systemd.fd_store() {
+        0 if std::env::var_os("NOTIFY_SOCKET").is_some() => tracing::info!(
+            "systemd's file descriptor store is not in use (FileDescriptorStoreMax= is 0 or \
+             systemd is older than 254): a crash of baton loses its own listeners' queues and \
+             the kept values since"
+        ),
+        0 => {}
+        max if own.len() + 1 > max => tracing::warn!(
+            "systemd's file descriptor store takes {max} descriptors; baton needs {} (its \
+             listeners and the kept values): raise FileDescriptorStoreMax=",
+            own.len() + 1
+        ),
+        max => {
+            for l in &own {
+                systemd.store(&l.store_name(), Some(l.fd.as_fd()));
+            }
+            tracing::info!(
+                "systemd's file descriptor store (up to {max}) keeps {} listener(s) and the kept \
+                 values across a crash of baton",
+                own.len()
+            );
+        }
+    }
 }
 
 /// Starts `--watch`, if asked for.

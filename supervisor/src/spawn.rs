@@ -59,7 +59,8 @@ fn check_shared_run() -> Result<(), String> {
 }
 
 /// Variables baton sets for each worker, or must not pass through.
-const OWN_VARS: [&str; 6] = [
+const OWN_VARS: [&str; 7] = [
+    "FDSTORE",
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",

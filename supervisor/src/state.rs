@@ -14,6 +14,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use baton_worker::protocol::SNAPSHOT_SEALS;
 
+/// The name baton keeps its latest snapshot under in systemd's file
+/// descriptor store.
+pub const STORE_NAME: &str = "baton-kept";
+
 /// A checked, immutable snapshot of one generation's kept values.
 #[derive(Debug)]
 pub struct Snapshot {

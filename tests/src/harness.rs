@@ -111,6 +111,32 @@ pub fn process_gone(pid: i32) -> bool {
     }
 }
 
+/// Receives one datagram on `socket` with the descriptors it carries (as
+/// systemd's notify socket does; `FDSTORE=1` sends some).
+pub fn recv_with_fds(
+    socket: &std::os::unix::net::UnixDatagram,
+) -> std::io::Result<(String, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            fds.extend(raw.into_iter().map(crate::sys::own));
+        }
+    }
+    let len = msg.bytes;
+    Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), fds))
+}
+
 /// The children of process `pid`, from `/proc`.
 pub fn children(pid: i32) -> Vec<i32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))

@@ -109,7 +109,7 @@ impl<H: Host> Supervisor<H> {
                     "generation {number} froze; {} of kept values go to generation {to}",
                     state::size(bytes)
                 );
-                self.kept = snapshot;
+                self.set_kept(snapshot);
                 let mut ready = false;
                 if let Some(f) = self.reloads.in_flight.as_mut() {
                     if let Step::AwaitingSnapshot {
@@ -200,7 +200,7 @@ impl<H: Host> Supervisor<H> {
         match Snapshot::accept(number, bytes, fds, self.config.max_state) {
             Ok(snapshot) => {
                 tracing::debug!("generation {number} checkpointed {}", state::size(bytes));
-                self.kept = snapshot;
+                self.set_kept(snapshot);
             }
             Err(reason) => tracing::warn!("generation {number}: refused a checkpoint: {reason}"),
         }
@@ -226,6 +226,12 @@ impl<H: Host> Supervisor<H> {
             }
             _ => tracing::warn!("generation {number}: {e}"),
         }
+    }
+
+    /// Holds `snapshot` as the latest kept values, in systemd's store too.
+    fn set_kept(&mut self, snapshot: Option<Snapshot>) {
+        self.host.store_kept(snapshot.as_ref().map(Snapshot::fd));
+        self.kept = snapshot;
     }
 
     /// Answers generation `number`'s `TakeState` with what is kept.

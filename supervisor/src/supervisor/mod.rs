@@ -150,6 +150,14 @@ impl<H: Host> Supervisor<H> {
         }
     }
 
+    /// Starts from kept values a crashed baton left (systemd's store): the
+    /// first generation gets them, as a crash restart would.
+    pub fn adopt_kept(&mut self, kept: Option<Snapshot>) {
+        if kept.is_some() {
+            self.kept = kept;
+        }
+    }
+
     /// Publishes the metrics to `publish` after every event.
     pub fn publish_metrics(&mut self, publish: watch::Sender<Metrics>) {
         self.publish = Some(publish);

@@ -377,3 +377,18 @@ fn a_spawn_that_fails_fails_its_reload_and_the_old_generation_serves() {
     rig.ready(3);
     assert!(outcome(&mut answer).ok);
 }
+
+#[test]
+fn every_new_snapshot_or_checkpoint_goes_to_systemds_store() {
+    let (mut rig, _answer) = frozen();
+    rig.say_with(1, WorkerMessage::Frozen { bytes: 8 }, vec![snapshot(8)]);
+    rig.say(2, WorkerMessage::Ready);
+    rig.hello(2);
+    rig.say_with(2, WorkerMessage::Checkpoint { bytes: 9 }, vec![snapshot(9)]);
+    // An empty snapshot removes what the store held.
+    rig.reload();
+    rig.hello(3);
+    rig.say(3, WorkerMessage::TakeState);
+    rig.say(2, WorkerMessage::Frozen { bytes: 0 });
+    assert_eq!(rig.host().stored_kept, [true, true, false]);
+}

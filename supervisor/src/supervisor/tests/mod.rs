@@ -49,6 +49,8 @@ pub(super) struct Fake {
     pub(super) timers: Vec<(TimerId, Duration, Event)>,
     pub(super) next_timer: TimerId,
     pub(super) systemd: Vec<String>,
+    /// What went to systemd's store: a snapshot (`true`) or its removal.
+    pub(super) stored_kept: Vec<bool>,
 }
 
 impl Host for Fake {
@@ -116,6 +118,9 @@ impl Host for Fake {
     }
     fn systemd_reloading(&mut self, status: &str) {
         self.systemd.push(format!("RELOADING=1\nSTATUS={status}"));
+    }
+    fn store_kept(&mut self, snapshot: Option<BorrowedFd<'_>>) {
+        self.stored_kept.push(snapshot.is_some());
     }
     fn listeners(&self) -> Vec<ListenerStatus> {
         Vec::new()
