@@ -24,7 +24,7 @@ fn baton_stores_its_own_listeners_and_each_new_snapshot_by_name() {
         .env("FDSTORE", "8")
         .flagged(bin("counter").to_str().expect("utf-8"), "")
         .start();
-    let mut next = || recv_with_fds(&systemd).expect("a message for systemd within 30s");
+    let next = || recv_with_fds(&systemd).expect("a message for systemd within 30s");
     let (msg, fds) = next();
     assert_eq!(msg, "FDSTOREREMOVE=1\nFDNAME=baton-listen-http");
     assert!(fds.is_empty());
