@@ -26,8 +26,8 @@ log() { echo "[rig +$(( ($(date +%s%N) - T0) / 1000000 ))ms] $*" >&2; }
 die() { log "$*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "rig.sh needs root"
-for tool in systemd-nspawn mmdebstrap nsenter flock; do
-    command -v "$tool" >/dev/null || die "$tool is missing: apt-get install --no-install-recommends systemd-container mmdebstrap util-linux"
+for tool in systemd-nspawn mmdebstrap nsenter flock pgrep; do
+    command -v "$tool" >/dev/null || die "$tool is missing: apt-get install --no-install-recommends systemd-container mmdebstrap util-linux procps"
 done
 mkdir -p "$RIG_HOME"
 [ -O "$RIG_HOME" ] && [ ! -L "$RIG_HOME" ] || die "$RIG_HOME is not a directory of root's"
