@@ -143,6 +143,18 @@ impl<'r> App<'r> {
             .unwrap_or_else(|e| panic!("myapp does not answer: {e}"))
     }
 
+    /// Waits until `GET /` is answered by generation `generation`. Right
+    /// after a reload the old worker may still take a connection or two:
+    /// it stops accepting when its drain signal is handled, a moment after
+    /// baton sent it.
+    fn wait_answered_by(&self, generation: u64) {
+        wait_for(
+            &format!("generation {generation} to answer"),
+            Duration::from_secs(10),
+            || (self.get()["generation"] == generation).then_some(()),
+        );
+    }
+
     /// The pid (in the container) of the worker that answers `GET /`.
     fn worker_pid(&self) -> u64 {
         self.get()["pid"].as_u64().expect("a pid in the answer")
@@ -327,7 +339,7 @@ fn the_shipped_units_verify_clean_and_serve_on_the_socket_as_an_unprivileged_use
         ms(started.elapsed())
     );
     assert_eq!(app.status()["generation"], 2);
-    assert_eq!(app.get()["generation"], 2);
+    app.wait_answered_by(2);
     let journal = app.journal();
     eprintln!("real systemd: the journal:\n{journal}");
     assert!(
@@ -506,8 +518,9 @@ fn a_new_version_that_fails_leaves_the_old_one_serving_and_systemctl_reload_fail
 
     // The next version is good again.
     app.set_flags("");
-    rig.run("systemctl reload myapp");
-    assert_eq!(app.get()["generation"], 3);
+    let status = parse_json(&rig.run(&format!("systemctl reload myapp && {STATUS}")));
+    assert_eq!(status["generation"], 3, "{status}");
+    app.wait_answered_by(3);
     load.wait_ok(100);
 
     // Under Type=notify-reload, systemd 257 takes baton's READY=1 after the
@@ -801,15 +814,18 @@ fn a_root_service_binds_a_privileged_port_itself_and_runs_its_workers_as_another
     print_load("`kill -9` of a root baton without a socket unit", &report);
     eprintln!(
         "real systemd: after `kill -9` of the root baton, a new worker answered after {} ms; \
-         {} connections refused meanwhile",
+         meanwhile {} requests failed to connect and {} were reset in the closed socket's queue",
         ms(recovered),
-        report.counts.refused
+        report.counts.refused + report.counts.connect_error,
+        report.counts.reset
     );
     slow.unwrap_or_else(|e| panic!("a request in flight died with baton: {e}"));
-    assert_eq!(
-        report.counts.failed(),
-        report.counts.refused + report.counts.reset,
-        "only connections nobody accepted may fail: {report}"
+    // Only connections nobody accepted may fail: refused, or reset in the
+    // queue of the socket that closed; none cut once answered.
+    let c = report.counts;
+    assert!(
+        c.truncated + c.timeout + c.bad_status + c.malformed == 0,
+        "{report}"
     );
 
     rig.run("systemctl stop myapp-root.service");
