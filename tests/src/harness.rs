@@ -562,6 +562,12 @@ impl Load {
             .unwrap_or_else(|e| panic!("waiting for {n} successful requests: {e}"));
     }
 
+    /// Stops starting requests and returns at once; [`Load::finish`] then
+    /// waits for the ones in flight.
+    pub fn stop_starting(&self) {
+        self.handle.as_ref().expect("load running").stop_starting();
+    }
+
     /// Stops the load, lets requests in flight finish, returns the report.
     pub fn finish(mut self) -> crate::load::LoadReport {
         let handle = self.handle.take().expect("load running");

@@ -5,12 +5,15 @@
 //! `harness` starts the real `baton` binary in a temporary directory per
 //! test and drives it over its control socket; `http` sends the one-off
 //! `GET`s a test reads a single answer from; `state_cost` measures what
-//! handing kept state to the next generation costs. Nothing here links the
-//! supervisor; the SDK only for its protocol constants.
+//! handing kept state to the next generation costs; `rig` boots a real
+//! systemd in a container (`tests/systemd-rig/`) for the tests that run the
+//! shipped units. Nothing here links the supervisor; the SDK only for its
+//! protocol constants.
 
 pub mod bench;
 pub mod harness;
 pub mod http;
 pub mod load;
+pub mod rig;
 pub mod state_cost;
 mod sys;

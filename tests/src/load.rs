@@ -625,6 +625,14 @@ impl LoadHandle {
         }
     }
 
+    /// Stops starting requests and returns at once: the ones in flight go
+    /// on (a retry included), and [`LoadHandle::stop`] waits for them. For a
+    /// test that stops the server next and counts only the requests sent
+    /// before.
+    pub fn stop_starting(&self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+    }
+
     /// Stops starting requests, waits for the ones in flight (each bounded by
     /// [`LoadConfig::timeout`]) and returns the final report.
     pub async fn stop(mut self) -> LoadReport {
