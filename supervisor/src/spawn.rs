@@ -39,7 +39,19 @@ fn notify_name(generation: u64) -> String {
     format!("notify-{generation}.sock")
 }
 
-/// Where the runtime directory goes when workers run as another user.
+/// Whether a user other than the owner may pass through `dir` and every
+/// directory above it.
+fn others_may_pass(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return false;
+    };
+    dir.ancestors()
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.mode() & 0o001 != 0))
+}
+
+/// Where the runtime directory goes when workers run as another user and
+/// the control socket's directory is closed to them.
 const SHARED_RUN: &str = "/run";
 
 /// Checks that [`SHARED_RUN`] is a real directory only root may write.
@@ -271,17 +283,19 @@ impl Launcher {
     ) -> Result<Launcher, Error> {
         let io = |context: String, source: std::io::Error| Error::Io { context, source };
         command.resolve()?;
-        // Workers of another user must reach their notify socket, and the
-        // control socket's directory is private to baton: they get one they
-        // may pass through (not list or write) under /run, which only root
-        // writes.
+        // Workers of another user must reach their notify socket: they get
+        // a directory they may pass through (not list or write) beside the
+        // control socket if every directory above lets others pass (a unit's
+        // `RuntimeDirectoryMode=0711`: systemd removes it at stop), else
+        // under /run, which only root writes.
         let (parent, mode) = match &run_as {
             None => (parent, 0o700),
-            Some(_) => (Path::new(SHARED_RUN), 0o711),
+            Some(_) if others_may_pass(parent) => (parent, 0o711),
+            Some(_) => {
+                check_shared_run().map_err(Error::User)?;
+                (Path::new(SHARED_RUN), 0o711)
+            }
         };
-        if run_as.is_some() {
-            check_shared_run().map_err(Error::User)?;
-        }
         let run_dir = tempfile::Builder::new()
             .prefix("baton-")
             .permissions(std::fs::Permissions::from_mode(0o700))

@@ -698,3 +698,35 @@ fn a_snapshot_lost_to_the_descriptor_limit_fails_the_reload_and_the_old_generati
     assert_eq!(peek["count"], 26, "{peek}");
     baton.wait_serving(3);
 }
+
+#[test]
+fn with_user_and_a_control_directory_others_may_pass_the_notify_sockets_stay_beside_it() {
+    if !harness::root("--user needs it") {
+        return;
+    }
+    // As a unit's RuntimeDirectoryMode=0711 makes it: systemd removes the
+    // directory, and with it the notify sockets, when the unit stops.
+    let builder = Baton::builder();
+    let run = builder.dir().join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    for d in [builder.dir(), run.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    }
+    let baton = builder
+        .control(run.join("baton.sock"))
+        .args(["--listen", "http=tcp://127.0.0.1:0", "--user", "nobody"])
+        .worker(["/usr/bin/python3", pyworker().to_str().expect("utf-8")])
+        .start();
+    let load = Load::http(&baton, "http", |c| c.concurrency = 4);
+    load.wait_ok(20);
+    assert_eq!(baton.reload_ok(), 2);
+    load.wait_ok(20);
+    load.finish().assert_no_failures();
+    let worker = baton.worker_pid(2).expect("generation 2 serves");
+    let notify = PathBuf::from(environ(worker, "NOTIFY_SOCKET").expect("NOTIFY_SOCKET"));
+    assert!(notify.starts_with(&run), "{}", notify.display());
+    let mode = std::fs::metadata(notify.parent().expect("dir"))
+        .expect("runtime directory")
+        .mode();
+    assert_eq!(mode & 0o7777, 0o711);
+}
