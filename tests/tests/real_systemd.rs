@@ -817,7 +817,10 @@ fn a_root_service_binds_a_privileged_port_itself_and_runs_its_workers_as_another
     let slow = slow.join().expect("the slow request's thread");
     load.wait_ok(100);
     let report = load.finish();
-    print_load("`kill -9` of a root baton that keeps its port in the fd store", &report);
+    print_load(
+        "`kill -9` of a root baton that keeps its port in the fd store",
+        &report,
+    );
     eprintln!(
         "real systemd: after `kill -9` of the root baton, a new worker answered after {} ms",
         ms(recovered)
@@ -830,4 +833,54 @@ fn a_root_service_binds_a_privileged_port_itself_and_runs_its_workers_as_another
     let journal = app.journal();
     assert!(!journal.contains("SIGKILL"), "{journal}");
     assert!(!journal.contains("EPERM"), "{journal}");
+}
+
+#[test]
+fn kept_values_survive_kill_9_of_baton_through_systemds_file_descriptor_store() {
+    let Some(rig) = Rig::boot() else { return };
+    let app = App::socket_activated(&rig);
+    // The next version of myapp keeps a count (the SDK's `counter`).
+    rig.write(
+        "/usr/local/bin/myapp",
+        "#!/bin/sh\nexec /opt/baton/counter\n",
+        0o755,
+    );
+    rig.run("systemctl reload myapp");
+    app.wait_answered_by(2);
+    let addr = app.addr.to_string();
+    for _ in 0..25 {
+        http::get_json(&addr, "/", http::TIMEOUT).expect("an increment");
+    }
+    // (The old worker may have taken one of them just after the reload.)
+    let count = http::get_json(&addr, "/peek", http::TIMEOUT).expect("/peek")["count"].clone();
+    assert!(count.as_u64() > Some(20), "{count}");
+    // The counter checkpoints within a second; baton stores each checkpoint.
+    wait_for("the count's checkpoint", Duration::from_secs(10), || {
+        let peek = http::get_json(&addr, "/peek", http::TIMEOUT).ok()?;
+        (peek["checkpointed"] == count).then_some(())
+    });
+    let stored = rig.run("systemd-analyze fdstore myapp.service");
+    assert!(stored.contains("baton-kept"), "{stored}");
+    let old = app.worker_pid();
+    let started = Instant::now();
+    rig.run("kill -9 $(systemctl show -P MainPID myapp.service)");
+    let took = app.serving_again(old, started);
+    // A new baton, from generation 1 again, and the count where the
+    // checkpoint left it, plus the one increment that found the new worker.
+    let peek = http::get_json(&addr, "/peek", http::TIMEOUT).expect("/peek");
+    let expected = count.as_u64().map(|n| n + 1);
+    assert_eq!(
+        peek["count"].as_u64(),
+        expected,
+        "{peek}\n{}",
+        app.journal()
+    );
+    assert_eq!(peek["generation"], 1, "{peek}");
+    let journal = app.journal();
+    assert!(journal.contains("systemd's store kept"), "{journal}");
+    eprintln!(
+        "real systemd: after `kill -9` of baton, a new baton served the kept count of {count} \
+         after {} ms",
+        ms(took)
+    );
 }
