@@ -182,6 +182,7 @@
 #![deny(missing_docs)]
 
 mod channel;
+pub mod connections;
 mod drain;
 mod error;
 #[cfg(feature = "axum")]
@@ -191,8 +192,11 @@ mod listeners;
 pub mod protocol;
 mod state;
 mod sys;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod worker;
 
+pub use connections::{serve_connections, serve_worker_connections, Drain};
 pub use drain::DrainCause;
 pub use error::{Error, KindName};
 pub use listen::LISTEN_ENV;
