@@ -167,7 +167,7 @@ impl Shared {
         let at = self.started.elapsed();
         let mut report = self.report();
         report.elapsed = at;
-        count(&mut report, bin);
+        report.counts.add(bin);
         match result {
             Ok(generation) => {
                 report.latencies.push(elapsed);
@@ -208,21 +208,6 @@ impl Shared {
     fn connected(&self) {
         self.report().connections += 1;
     }
-}
-
-fn count(report: &mut LoadReport, bin: Bin) {
-    let c = &mut report.counts;
-    *match bin {
-        Bin::Ok => &mut c.ok,
-        Bin::Retried => &mut c.retried,
-        Bin::Refused => &mut c.refused,
-        Bin::ConnectError => &mut c.connect_error,
-        Bin::Reset => &mut c.reset,
-        Bin::Truncated => &mut c.truncated,
-        Bin::Timeout => &mut c.timeout,
-        Bin::BadStatus => &mut c.bad_status,
-        Bin::Malformed => &mut c.malformed,
-    } += 1;
 }
 
 impl HyperLoad {
