@@ -2,8 +2,8 @@
 //! TLS with feature `tls`).
 //!
 //! [`serve`] is `axum::serve(..).with_graceful_shutdown(..)` done the way a
-//! reload needs, on the protocol-agnostic accept loop of
-//! [`connections`](crate::connections). It speaks HTTP/1.1 and HTTP/2 on the
+//! reload needs, on the protocol-agnostic accept loop of the
+//! [`crate::connections`] module. It speaks HTTP/1.1 and HTTP/2 on the
 //! same listener (HTTP/2 by prior knowledge in cleartext, "h2c", and by ALPN
 //! over TLS), through hyper-util's automatic connection builder.
 //!
