@@ -251,8 +251,16 @@ impl HyperLoad {
     /// Waits until `n` more requests have succeeded; panics with the
     /// report after 30 s, or if every task ended.
     pub fn wait_ok(&self, n: u64) {
+        if let Err(e) = self.try_wait_ok(n, Duration::from_secs(30)) {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits until `n` more requests have succeeded, at most `timeout`;
+    /// the error carries the report.
+    pub fn try_wait_ok(&self, n: u64, timeout: Duration) -> Result<(), String> {
         let target = self.report().counts.ok + n;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + timeout;
         let shared = &self.shared;
         self.runtime.block_on(async {
             loop {
@@ -260,22 +268,20 @@ impl HyperLoad {
                 tokio::pin!(changed);
                 changed.as_mut().enable();
                 if shared.report().counts.ok >= target {
-                    return;
+                    return Ok(());
                 }
-                assert!(
-                    shared.running.load(Ordering::Acquire) > 0,
-                    "the load ended first: {}",
-                    self.report()
-                );
+                if shared.running.load(Ordering::Acquire) == 0 {
+                    return Err(format!("the load ended first: {}", self.report()));
+                }
                 if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                    panic!(
-                        "waiting 30s for {n} successful {} requests: {}",
+                    return Err(format!(
+                        "waiting {timeout:?} for {n} successful {} requests: {}",
                         shared.config.protocol.name(),
                         self.report()
-                    );
+                    ));
                 }
             }
-        });
+        })
     }
 
     /// Stops the load, lets requests in flight finish, returns the report.
