@@ -220,6 +220,11 @@ impl Counts {
         }
     }
 
+    /// Counts one more in `bin` (for load clients of other protocols).
+    pub fn add(&mut self, bin: Bin) {
+        *self.get_mut(bin) += 1;
+    }
+
     fn get_mut(&mut self, bin: Bin) -> &mut u64 {
         match bin {
             Bin::Ok => &mut self.ok,

@@ -214,6 +214,16 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+
+    /// Loading a TLS certificate or key, or building a TLS configuration
+    /// from them, failed (feature `tls`).
+    #[error("{what}: {reason}")]
+    Tls {
+        /// What was being done, naming the file.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
 }
 
 /// A [`ListenerKind`] as it reads in messages: `tcp`, `udp`, `unix`,

@@ -13,7 +13,9 @@
 //!   choose, not after a guessed delay;
 //! - [`Worker::drained`] resolves when *this* generation must stop (the
 //!   supervisor's message, not a signal shared with anything else), with its
-//!   deadline; `http::serve` drains axum without losing a request;
+//!   deadline; `http::serve` drains axum without losing a request, over
+//!   HTTP/1.1, HTTP/2 and TLS, and [`serve_connections`] drains any other
+//!   protocol over TCP or Unix streams;
 //! - the same binary runs without baton (`cargo run`), binding its own
 //!   listeners.
 //!
@@ -138,6 +140,79 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Every protocol drains exactly
+//!
+//! A drain (or a freeze for a hand-over) ends each connection where its
+//! protocol allows, never in the middle of a message, and a client is never
+//! left with a request that was neither answered nor refused in a way it
+//! may retry.
+//!
+//! **HTTP/1.1 and HTTP/2 on one listener** (feature `axum`):
+//! `http::serve` and `http::serve_worker` detect the protocol per
+//! connection. HTTP/1.1 responses finished while draining say
+//! `Connection: close`; an HTTP/2 connection gets a GOAWAY (in hyper's two
+//! steps, so a request already on its way is still served) and its open
+//! streams finish. Clients speak HTTP/2 in cleartext by prior knowledge
+//! (h2c), as gRPC and service meshes do.
+//!
+//! **HTTPS** (features `axum` and `tls`: rustls through tokio-rustls, the
+//! `ring` provider, no OpenSSL). ALPN offers `h2` and `http/1.1`. The
+//! handshake runs on the connection's own task: one in progress when the
+//! drain begins completes, and its requests are served. A new generation
+//! reads the files again, so renewing a certificate is a `baton reload`.
+//!
+//! ```no_run
+//! # #[cfg(all(feature = "axum", feature = "tls"))]
+//! # async fn doc(worker: baton_worker::Worker, app: axum::Router) -> Result<(), baton_worker::Error> {
+//! let tls = baton_worker::tls::load("cert.pem", "key.pem")?;
+//! let listener = worker.tcp_listener("https")?;
+//! worker.ready()?;
+//! baton_worker::http::Server::new(app).tls(tls).serve_worker(&worker, listener).await;
+//! # Ok(()) }
+//! ```
+//!
+//! **gRPC with tonic**: tonic's routes are an axum `Router`, served like
+//! any other; a drain sends GOAWAY, so clients start new calls on the next
+//! generation while long streaming calls finish on this one.
+//!
+//! ```ignore
+//! let app = tonic::service::Routes::new(GreeterServer::new(MyGreeter)).into_axum_router();
+//! baton_worker::http::serve_worker(&worker, listener, app).await;
+//! ```
+//!
+//! **Anything else over TCP or Unix streams**: [`serve_worker_connections`]
+//! accepts until the drain or a freeze, hands each connection to your
+//! handler with a [`Drain`], and waits for the handlers up to the drain
+//! deadline. The handler ends its connection at a message boundary once
+//! [`Drain::wait`] resolves (with TLS: `tls::accept` in the
+//! handler).
+//!
+//! ```no_run
+//! use tokio::io::AsyncWriteExt;
+//!
+//! # async fn doc(worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+//! let listener = worker.tcp_listener("push")?;
+//! worker.ready()?;
+//! baton_worker::serve_worker_connections(&worker, listener, |mut stream: tokio::net::TcpStream, drain: baton_worker::Drain| async move {
+//!     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+//!     loop {
+//!         tokio::select! {
+//!             () = drain.wait() => break,
+//!             _ = tick.tick() => {
+//!                 if stream.write_all(b"tick\n").await.is_err() { return; }
+//!             }
+//!         }
+//!     }
+//!     let _ = stream.write_all(b"bye\n").await; // a boundary the client understands
+//! })
+//! .await;
+//! # Ok(()) }
+//! ```
+//!
+//! The examples show each in full: `hello` (HTTP/1.1, h2c, `--tls`),
+//! `greeter` (tonic, unary and streaming), `echo` (a line protocol on the
+//! raw building block).
+//!
 //! # When a worker drains
 //!
 //! | event | standalone | under baton |
@@ -171,8 +246,14 @@
 //!
 //! * [`Worker`] / [`Builder`] / [`start`]: the handle, its listeners,
 //!   readiness, status and drain.
-//! * `http` (feature `axum`): `http::serve`, a drain-exact HTTP/1.1
-//!   server for an axum `Router`.
+//! * [`connections`]: [`serve_connections`] and
+//!   [`serve_worker_connections`], the protocol-agnostic drain over TCP or
+//!   Unix streams, and the [`Drain`] each connection's handler gets.
+//! * `http` (feature `axum`): `http::serve` and `http::Server`, a
+//!   drain-exact HTTP/1.1 and HTTP/2 server for an axum `Router` (tonic's
+//!   gRPC routes included), built on `connections`.
+//! * `tls` (feature `tls`): loading a certificate and key into a rustls
+//!   configuration with ALPN, and a handshake with a deadline.
 //! * [`protocol`]: the versioned messages on the worker channel and their
 //!   framing; the supervisor links this crate for the very same types.
 //! * [`Error`]: every failure, each message naming what and which.
@@ -182,6 +263,7 @@
 #![deny(missing_docs)]
 
 mod channel;
+pub mod connections;
 mod drain;
 mod error;
 #[cfg(feature = "axum")]
@@ -191,8 +273,11 @@ mod listeners;
 pub mod protocol;
 mod state;
 mod sys;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod worker;
 
+pub use connections::{serve_connections, serve_worker_connections, Drain};
 pub use drain::DrainCause;
 pub use error::{Error, KindName};
 pub use listen::LISTEN_ENV;

@@ -47,6 +47,14 @@ impl BatonProc {
     /// Starts baton with `hello` on a listener at a port of baton's choosing
     /// and waits until generation 1 serves.
     pub fn start(bins: &Binaries) -> Result<BatonProc, String> {
+        BatonProc::start_with(bins, &[])
+    }
+
+    /// [`BatonProc::start`] with arguments for `hello` (`--tls CERT KEY`).
+    pub fn start_with(
+        bins: &Binaries,
+        hello_args: &[&std::ffi::OsStr],
+    ) -> Result<BatonProc, String> {
         let dir = tempfile::Builder::new()
             .prefix("reload-bench-")
             .tempdir()
@@ -60,7 +68,8 @@ impl BatonProc {
             .arg("--control")
             .arg(&control)
             .args(["--listen", "http=tcp://127.0.0.1:0", "--"])
-            .arg(&bins.hello);
+            .arg(&bins.hello)
+            .args(hello_args);
         let proc = Proc::spawn("baton", &mut cmd, None)?;
         let mut baton = BatonProc {
             proc,

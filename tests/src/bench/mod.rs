@@ -6,7 +6,8 @@
 //!
 //! The parts: `strategy` (the strategies, the load mix, one round),
 //! `figures` (reload latency beside `hello`'s own start-up, RSS and
-//! descriptors over many reloads, data path cost), `crate::state_cost` (the
+//! descriptors over many reloads, data path cost), `protocols` (the data
+//! path cost over h2c and HTTPS), `crate::state_cost` (the
 //! state hand-over cost), `baton` (a supervisor driven over its control
 //! socket), `procs` (child guards, binaries, `/proc`), `stats` (medians,
 //! quantiles, tables) and `sys` (the only `unsafe`: fd 3 and
@@ -23,6 +24,7 @@
 pub mod baton;
 pub mod figures;
 pub mod procs;
+pub mod protocols;
 pub mod stats;
 pub mod strategy;
 
@@ -234,6 +236,18 @@ pub fn run(config: &Config) -> Result<Outcome, String> {
         print_data_path(config, &data_path);
         outcome.baton_failed_requests += data_path.baton_failures;
         outcome.baton_requests += data_path.baton_requests;
+        progress("data path by protocol: h2c and HTTPS, under baton and standalone");
+        let by_protocol = protocols::protocol_data_path(
+            &bins,
+            config.rounds,
+            config.data_path_duration,
+            config.load.fast,
+        )?;
+        print_protocol_paths(config, &by_protocol);
+        for path in &by_protocol {
+            outcome.baton_failed_requests += path.baton_failures;
+            outcome.baton_requests += path.baton_requests;
+        }
     }
 
     if wants(Section::Handoff) {
@@ -555,6 +569,32 @@ fn print_reloads(figures: &ReloadFigures) {
             figures.reload_time.as_secs_f64(),
             dur(figures.reload_time / figures.reloads as u32)
         );
+    }
+}
+
+fn print_protocol_paths(config: &Config, paths: &[protocols::ProtocolPath]) {
+    println!(
+        "\n== Data path by protocol: hello under baton vs standalone, no reloads, {} tasks on 2 HTTP/2 connections (or one HTTP/1.1 connection each) for {} ({} round(s)) ==",
+        config.load.fast,
+        dur(config.data_path_duration),
+        config.rounds
+    );
+    let rate =
+        |v: &[f64]| Spread::of(v).map_or_else(|| "-".into(), |s| s.show(|x| format!("{x:.0}/s")));
+    for path in paths {
+        println!(
+            "{:<15} under baton: {}; standalone: {}; ratio: {}",
+            path.name,
+            rate(&path.under_baton),
+            rate(&path.standalone),
+            Spread::of(&path.ratios()).map_or_else(|| "-".into(), |s| s.show(ratio))
+        );
+        if path.baton_failures + path.standalone_failures > 0 {
+            println!(
+                "  failed requests: {} under baton, {} standalone",
+                path.baton_failures, path.standalone_failures
+            );
+        }
     }
 }
 
