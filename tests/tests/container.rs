@@ -30,11 +30,13 @@ fn as_pid_1_baton_reaps_every_orphan_and_drains_on_sigterm_under_load() {
         pyworker().display()
     );
     let mut baton = Baton::builder()
-        .wrap(["unshare", "--pid", "--fork", "--mount-proc"])
+        .wrap(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"])
         .args(["--listen", "http=tcp://127.0.0.1:0"])
         .worker(["sh", "-c", &script])
         .start();
-    // The harness started `unshare`; baton is its only child, PID 1 inside.
+    // The harness started `unshare`; baton is its only child, PID 1 inside
+    // (`--kill-child`: killing `unshare`, as the harness does when a test
+    // fails, kills baton too, and with it everything in the namespace).
     let pid1 = wait_for("baton as PID 1", Duration::from_secs(10), || {
         harness::children(baton.pid()).first().copied()
     });

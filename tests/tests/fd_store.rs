@@ -10,14 +10,21 @@ use std::time::Duration;
 
 use baton_tests::harness::{bin, recv_with_fds, Baton};
 
-#[test]
-fn baton_stores_its_own_listeners_and_each_new_snapshot_by_name() {
+/// A datagram socket that plays systemd's notify socket, at `notify` in a
+/// directory of its own.
+fn fake_systemd() -> (tempfile::TempDir, UnixDatagram) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("notify");
-    let systemd = UnixDatagram::bind(&path).expect("binding the fake systemd");
+    let systemd = UnixDatagram::bind(dir.path().join("notify")).expect("binding the fake systemd");
     systemd
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
+    (dir, systemd)
+}
+
+#[test]
+fn baton_stores_its_own_listeners_and_each_new_snapshot_by_name() {
+    let (dir, systemd) = fake_systemd();
+    let path = dir.path().join("notify");
     let baton = Baton::builder()
         .args(["--listen", "http=tcp://127.0.0.1:0"])
         .env("NOTIFY_SOCKET", path.as_os_str())
@@ -62,12 +69,8 @@ fn baton_stores_its_own_listeners_and_each_new_snapshot_by_name() {
 
 #[test]
 fn without_a_store_nothing_is_sent_and_the_log_says_so() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (dir, systemd) = fake_systemd();
     let path = dir.path().join("notify");
-    let systemd = UnixDatagram::bind(&path).expect("binding the fake systemd");
-    systemd
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
     let baton = Baton::builder()
         .args(["--listen", "http=tcp://127.0.0.1:0"])
         .env("NOTIFY_SOCKET", path.as_os_str())
