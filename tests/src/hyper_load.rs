@@ -353,9 +353,11 @@ async fn client_task(shared: Arc<Shared>, index: usize) {
         };
         n += 1;
         let start = Instant::now();
+        // Where the request was, for a timeout's message.
+        let mut stage = String::new();
         let outcome = tokio::time::timeout(
             shared.config.timeout,
-            one_request(&shared, index, &mut own, &path),
+            one_request(&shared, index, &mut own, &path, &mut stage),
         )
         .await;
         let elapsed = start.elapsed();
@@ -370,7 +372,7 @@ async fn client_task(shared: Arc<Shared>, index: usize) {
                 shared.record(
                     Bin::Timeout,
                     Err(format!(
-                        "GET {path}: no complete response within {:?}",
+                        "GET {path}: no complete response within {:?} ({stage})",
                         shared.config.timeout
                     )),
                     elapsed,
@@ -389,11 +391,18 @@ async fn one_request(
     index: usize,
     own: &mut Option<Arc<Conn>>,
     path: &str,
+    stage: &mut String,
 ) -> Result<Option<u64>, Failure> {
     let start = Instant::now();
     let mut retried = false;
     loop {
+        *stage = format!("task {index} getting a connection, retried: {retried}");
         let conn = connection(shared, index, own).await?;
+        *stage = format!(
+            "task {index} on connection {} (reused: {}), retried: {retried}",
+            conn.id,
+            conn.reused.load(Ordering::Relaxed)
+        );
         match attempt(shared, &conn, path).await {
             Ok(generation) => {
                 conn.reused.store(true, Ordering::Relaxed);
