@@ -554,10 +554,11 @@ async fn attempt(shared: &Shared, conn: &Conn, path: &str) -> Result<Option<u64>
                 .body(Empty::new())
                 .map_err(|e| Attempt::Failed(Bin::Malformed, e.to_string()))?;
             let mut sender = sender.clone();
-            sender
-                .ready()
-                .await
-                .map_err(|e| classify(&e, false, "waiting for the connection"))?;
+            // Not handed to the connection yet: whatever failed, the server
+            // never saw this request.
+            sender.ready().await.map_err(|e| {
+                Attempt::NotProcessed(format!("waiting for the connection: {e} ({e:?})"))
+            })?;
             sender
                 .send_request(request)
                 .await
@@ -569,10 +570,9 @@ async fn attempt(shared: &Shared, conn: &Conn, path: &str) -> Result<Option<u64>
                 .body(Empty::new())
                 .map_err(|e| Attempt::Failed(Bin::Malformed, e.to_string()))?;
             let mut sender = sender.lock().await;
-            sender
-                .ready()
-                .await
-                .map_err(|e| classify(&e, reused, "waiting for the connection"))?;
+            sender.ready().await.map_err(|e| {
+                Attempt::NotProcessed(format!("waiting for the connection: {e} ({e:?})"))
+            })?;
             sender
                 .send_request(request)
                 .await
