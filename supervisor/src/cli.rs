@@ -107,7 +107,7 @@ impl ControlArg {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// A listening socket to hold, as NAME=ADDR; repeatable. ADDR is
-    /// tcp://HOST:PORT (HOST may be [IPv6]), udp://HOST:PORT, unix:PATH
+    /// tcp://HOST:PORT (an IPv6 HOST in brackets), udp://HOST:PORT, unix:PATH
     /// (stream), unix-dgram:PATH, or `systemd` to adopt the socket systemd
     /// passed under that name (FileDescriptorName=). Workers see them at
     /// fds 3.. in this order.

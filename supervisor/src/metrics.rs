@@ -44,7 +44,7 @@ pub struct Metrics {
     pub reloads_ok: u64,
     /// Reloads that failed.
     pub reloads_failed: u64,
-    /// How many reloads took at most each of [`BUCKETS`] seconds.
+    /// How many reloads took at most each of `BUCKETS` seconds.
     pub reload_buckets: [u64; BUCKETS.len()],
     /// Every reload's duration, summed, in seconds.
     pub reload_seconds: f64,
