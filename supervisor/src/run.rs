@@ -35,6 +35,11 @@ use crate::Error;
 /// until stopped. Returns an error if the first generation never serves.
 /// After an upgrade's exec it takes over instead of binding and starting.
 pub async fn run(config: Config) -> Result<(), Error> {
+    // Every signal waits until the handlers are in place and every thread
+    // baton starts (the watcher's) has inherited this mask: signals are the
+    // main thread's alone, so none is caught by a thread and lost across an
+    // upgrade's exec. (After an exec they are blocked already.)
+    set_signals_blocked(true)?;
     check_names(&config)?;
     let carried = upgrade::adopt::from_env()?;
     let systemd = Systemd::from_env();
@@ -115,10 +120,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
         });
     }
-    // Only now, with the handlers in place: whoever started baton may have
-    // blocked signals, and an upgrade blocks them across its exec (a SIGHUP
-    // sent meanwhile is pending, and reloads now).
-    set_signals_blocked(false)?;
     control.serve(tx.clone())?;
     let _watcher = start_watcher(&config, tx.clone())?;
     for l in &listeners {
@@ -188,6 +189,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
             supervisor.resume();
         }
     }
+    // Only now, with the handlers in place and the table built: whoever
+    // started baton may have blocked signals, and an upgrade blocks them
+    // across its exec (a SIGHUP sent meanwhile is pending, and reloads now).
+    set_signals_blocked(false)?;
     let outcome = loop {
         match supervisor.serve(&mut rx).await {
             Outcome::Upgrade => upgrade_now(&mut supervisor, &mut control, &mut rx, &tx).await?,

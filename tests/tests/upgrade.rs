@@ -36,10 +36,10 @@ fn upgrade_ok(baton: &Baton, args: &[&str]) {
     );
 }
 
+/// baton's descriptors once a control connection it has just answered is
+/// gone (its task may close it a moment after the client read the answer).
 fn fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    baton_tests::bench::procs::settled_fd_count(pid as u32).expect("counting descriptors")
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -105,7 +105,12 @@ fn fifty_upgrades_between_two_binaries_under_load_lose_nothing_and_keep_every_pi
     report.assert_no_failures();
     let (fds_last, rss_last) = (fds(pid), rss_kib(pid));
     eprintln!("descriptors {fds_first} -> {fds_last}, RSS {rss_first} -> {rss_last} KiB");
-    assert_eq!(fds_last, fds_first, "descriptors leak across upgrades");
+    // A leak would grow with every upgrade; the first count may still hold a
+    // connection on its way out.
+    assert!(
+        fds_last <= fds_first,
+        "descriptors leak across upgrades: {fds_first} -> {fds_last}"
+    );
     assert!(
         rss_last < rss_first * 3 / 2 + 4096,
         "RSS grew from {rss_first} to {rss_last} KiB"
@@ -194,24 +199,17 @@ fn an_upgrade_waits_for_a_reload_on_a_slow_successor() {
 
 #[test]
 fn a_sighup_and_a_status_sent_during_the_exec_are_served_by_the_new_baton() {
-    let mut baton = counter();
+    // A "new binary" that takes half a second to become baton (it keeps
+    // the signal mask and the descriptors): the pre-flight and the exec
+    // both pass through it.
+    let mut baton = Baton::builder()
+        .args(["--listen", "http=tcp://127.0.0.1:0"])
+        .env("SLOW_EXEC_MS", "500")
+        .env("SLOW_EXEC_TARGET", bin("baton"))
+        .worker([bin("counter")])
+        .start();
     let pid = baton.pid();
-    // A "new binary" that takes half a second to become baton: the
-    // pre-flight and the exec both pass through it. Python, not sh: a shell
-    // unblocks signals, and would die of the SIGHUP that baton keeps
-    // blocked across its exec.
-    let slow = baton.dir.path().join("slow-baton");
-    let baton_path = bin("baton");
-    std::fs::write(
-        &slow,
-        format!(
-            "#!/usr/bin/env python3\nimport os, sys, time\ntime.sleep(0.5)\n\
-             os.execv({baton_path:?}, [{baton_path:?}] + sys.argv[1:])\n"
-        ),
-    )
-    .expect("writing the script");
-    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    let slow = bin("slow_exec");
     let load = Load::http(&baton, "http", |c| c.concurrency = 4);
     load.wait_ok(10);
     let upgrading = baton.cli_spawn(&[
@@ -220,8 +218,8 @@ fn a_sighup_and_a_status_sent_during_the_exec_are_served_by_the_new_baton() {
         "--binary",
         slow.to_str().expect("utf-8"),
     ]);
-    baton.wait_log("executing");
-    // baton is now the script, sleeping, with signals blocked.
+    // Logged with signals already blocked, just before the exec.
+    baton.wait_log("in place");
     baton.signal(nix::sys::signal::Signal::SIGHUP);
     let status = baton.cli(&["status", "--json"]);
     assert!(status.status.success(), "{status:?}");

@@ -82,8 +82,11 @@ pub fn metrics(state: &Handover) -> Result<Option<std::net::TcpListener>, Error>
         .transpose()
 }
 
+/// A generation's channel and notify socket, or why they cannot be had.
+pub type WorkerFds = Result<(OwnedFd, OwnedFd), Error>;
+
 /// Each generation's channel and notify socket, by generation.
-pub fn workers(state: &Handover) -> Vec<(u64, Result<(OwnedFd, OwnedFd), Error>)> {
+pub fn workers(state: &Handover) -> Vec<(u64, WorkerFds)> {
     state
         .host
         .workers

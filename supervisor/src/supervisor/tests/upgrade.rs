@@ -16,7 +16,7 @@ use crate::supervisor::Supervisor;
 use crate::upgrade::state::{Handover, HostFds, STATE_VERSION};
 
 fn upgrade(rig: &mut Rig, binary: &str, wait: bool) {
-    let client = wait.then(|| OwnedFdOf::pipe());
+    let client = wait.then(OwnedFdOf::pipe);
     rig.sv.handle(Event::Upgrade {
         binary: Some(binary.into()),
         client,
@@ -127,7 +127,7 @@ fn a_stop_abandons_the_upgrade_and_kills_its_preflight() {
     let mut rig = Rig::serving();
     upgrade(&mut rig, "/opt/new/baton", true);
     let (pid, _, _) = rig.host().preflights[0].clone();
-    let _ = rig.request(Request::Stop { now: false });
+    drop(rig.request(Request::Stop { now: false }));
     assert!(rig.host().killed.contains(&pid));
     assert!(matches!(&rig.host().answers[..], [Reply::Upgrade(u)] if !u.ok));
     // Asked while stopping: refused at once.
