@@ -109,7 +109,7 @@ pub fn measure(
 pub fn print(figures: &UpgradeFigures) {
     println!("\n== Upgrading baton itself beside a reload ==");
     let show = |times: &[Duration], q: f64| {
-        stats::quantile(times, q).map_or_else(|| "-".into(), |d| stats::dur(d))
+        stats::quantile(times, q).map_or_else(|| "-".into(), stats::dur)
     };
     let mut table = Table::new(&["client's wall time", "n", "p50", "p99", "max"]);
     for (name, times) in [
