@@ -196,7 +196,15 @@ fn the_table_survives_the_hand_over_state_with_its_deadlines() {
             default_binary: "/usr/bin/baton".into(),
         },
     };
-    let mut state = Handover::parse(&serde_json::to_string(&state).expect("json")).expect("reads");
+    let json = serde_json::to_string(&state).expect("json");
+    // An older writer that knew none of the fields added with defaults.
+    let mut older: serde_json::Value = serde_json::from_str(&json).expect("json");
+    for field in ["reload_queued", "upgrades", "last_upgrade"] {
+        older["table"].as_object_mut().expect("table").remove(field);
+    }
+    let older = Handover::parse(&older.to_string()).expect("an older state reads");
+    assert!(!older.table.reload_queued && older.table.upgrades.ok == 0);
+    let mut state = Handover::parse(&json).expect("reads");
     state.table.kept = None;
 
     let mut new = Supervisor::new(config(), Fake::default());
