@@ -105,10 +105,12 @@ fn fifty_upgrades_between_two_binaries_under_load_lose_nothing_and_keep_every_pi
     report.assert_no_failures();
     let (fds_last, rss_last) = (fds(pid), rss_kib(pid));
     eprintln!("descriptors {fds_first} -> {fds_last}, RSS {rss_first} -> {rss_last} KiB");
-    // A leak would grow with every upgrade; the first count may still hold a
-    // connection on its way out.
+    // A leak would grow with every upgrade (49 more after 49 upgrades); a
+    // count may still hold a control connection on its way out (a client's
+    // answer is written by a task that closes it a moment later), so the
+    // counts of one run differ by one or two.
     assert!(
-        fds_last <= fds_first,
+        fds_last < fds_first + 5,
         "descriptors leak across upgrades: {fds_first} -> {fds_last}"
     );
     assert!(
