@@ -138,6 +138,10 @@ impl<H: Host> Supervisor<H> {
         if self.stopping || self.reloads.in_flight.is_some() || self.reloads.queued.is_none() {
             return;
         }
+        if self.upgrades.holds_reloads() {
+            tracing::info!("reload waits: baton is upgrading itself");
+            return;
+        }
         let draining = self.generations.numbers_in(Phase::Draining).len();
         if draining >= self.config.max_draining {
             tracing::info!(
@@ -343,7 +347,7 @@ impl<H: Host> Supervisor<H> {
         let timers = std::mem::take(&mut g.timers);
         tracing::info!("generation {number} (pid {}) is ready ({how})", g.pid);
         for timer in timers {
-            self.host.cancel(timer);
+            self.host.cancel(timer.id);
         }
         for old in self.generations.numbers_in(Phase::Serving) {
             if old != number {
