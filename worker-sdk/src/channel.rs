@@ -290,7 +290,10 @@ impl Channel {
                     let timeout = Duration::from_millis(timeout_ms);
                     drain.fire(DrainCause::Supervisor { timeout }, Some(timeout));
                 }
-                SupervisorMessage::Freeze => self.freeze(&state).await,
+                SupervisorMessage::Freeze { grace_ms } => {
+                    let grace = grace_ms.unwrap_or(protocol::DEFAULT_FREEZE_GRACE_MS);
+                    self.freeze(&state, Duration::from_millis(grace)).await;
+                }
                 SupervisorMessage::Thaw => {
                     state.thaw();
                     tracing::info!("thawed: the next generation failed; serving on");
@@ -341,8 +344,22 @@ impl Channel {
 
     /// Freezes the worker and sends its snapshot (serialized off the async
     /// threads: it may be large).
-    async fn freeze(&self, state: &Arc<Shared>) {
+    ///
+    /// The order is what makes the hand-over exact: the accept loops stop
+    /// and their connections stop reading new requests; the work in flight
+    /// (every [`InFlight`](crate::state::InFlight) guard: accept loops still
+    /// accepting, open connections) finishes, for up to `grace`; only then
+    /// are the values written, and a write after that is refused. So every
+    /// write acknowledged before the snapshot is in it.
+    async fn freeze(&self, state: &Arc<Shared>, grace: Duration) {
         state.freeze();
+        if tokio::time::timeout(grace, state.quiet()).await.is_err() {
+            tracing::warn!(
+                "frozen: {} piece(s) of work still in flight after the freeze grace of \
+                 {grace:?}; the snapshot is written now and their writes will be refused",
+                state.busy()
+            );
+        }
         let writer = state.clone();
         let snapshot = tokio::task::spawn_blocking(move || writer.snapshot(true)).await;
         let sent = match snapshot {

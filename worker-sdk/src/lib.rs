@@ -282,5 +282,5 @@ pub use drain::DrainCause;
 pub use error::{Error, KindName};
 pub use listen::LISTEN_ENV;
 pub use protocol::{ListenerInfo, ListenerKind};
-pub use state::{Frozen, Kept};
+pub use state::{Frozen, InFlight, Kept};
 pub use worker::{start, Builder, Worker};

@@ -57,6 +57,10 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// The most descriptors one message may carry (the kernel's `SCM_MAX_FD`).
 pub const MAX_FDS: usize = 253;
 
+/// How long a frozen worker waits for its work in flight when the `Freeze`
+/// message does not say (`baton run --freeze-grace`'s default).
+pub const DEFAULT_FREEZE_GRACE_MS: u64 = 2_000;
+
 /// The environment variable naming the worker's end of the channel.
 pub const CHANNEL_FD_ENV: &str = "BATON_CHANNEL_FD";
 
@@ -130,9 +134,18 @@ pub enum SupervisorMessage {
         /// How long the worker has before it is killed, in milliseconds.
         timeout_ms: u64,
     },
-    /// Stop accepting (in-flight work goes on, keep-alive connections close
-    /// after their current request) and answer with `Frozen` and a snapshot.
-    Freeze,
+    /// Stop accepting and stop reading new requests (keep-alive connections
+    /// close after the request in flight), wait up to `grace_ms` for the
+    /// work in flight to finish, then answer with `Frozen` and a snapshot.
+    /// A write attempted after the snapshot is refused, never acknowledged.
+    Freeze {
+        /// How long the work in flight may take before the snapshot is
+        /// written anyway (its later writes are then refused), in
+        /// milliseconds; absent from an older supervisor, which means
+        /// [`DEFAULT_FREEZE_GRACE_MS`].
+        #[serde(default)]
+        grace_ms: Option<u64>,
+    },
     /// The successor failed: accept again, with the values as they are.
     Thaw,
     /// The answer to `TakeState`, with the snapshot's sealed memfd attached

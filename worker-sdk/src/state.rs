@@ -80,14 +80,31 @@ impl<T: fmt::Debug> fmt::Debug for Kept<T> {
     }
 }
 
-/// The error of [`Kept::try_update`] while the worker is frozen: its values
-/// have been handed to the next generation, so a write now would not reach
-/// it.
+/// The error of [`Kept::update`] once this generation's values have been
+/// handed to the next generation: a write now would not reach it, so it is
+/// refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("kept value `{name}` is frozen: this generation's values were handed to the next one")]
+#[error("kept value `{name}` is frozen: this generation's values were handed to the next one, so the write was refused")]
 pub struct Frozen {
     /// The value's name.
     pub name: String,
+}
+
+/// Work in flight that may write kept values: a freeze waits until every
+/// such guard is dropped (up to the freeze grace) before it writes the
+/// snapshot, so the writes this work makes are handed over. Made by
+/// [`Worker::in_flight`](crate::Worker::in_flight); the SDK's serving holds
+/// one per connection already.
+#[derive(Debug)]
+#[must_use = "the freeze waits only while the guard lives"]
+pub struct InFlight {
+    shared: Arc<Shared>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.busy.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl<T> Kept<T> {
@@ -109,34 +126,33 @@ impl<T> Kept<T> {
         self.slot.lock().clone()
     }
 
-    /// Changes the value. If this generation is frozen (its values already
-    /// went to the next one), the change still applies here but will not
-    /// reach the next generation: it is logged and counted in
-    /// [`Worker::writes_after_freeze`](crate::Worker::writes_after_freeze).
-    /// Use [`try_update`](Self::try_update) to refuse such writes instead.
-    pub fn update<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+    /// Changes the value, unless this generation's values were already
+    /// handed to the next one: then nothing changes, the write is counted
+    /// in [`Worker::writes_refused`](crate::Worker::writes_refused), and the
+    /// error says so. Answer the request that asked for the write with an
+    /// error (with feature `axum`, [`Frozen`] is a response: `503` with
+    /// `Retry-After` and `Connection: close`), never with a success: the
+    /// write is not in the values the next generation starts with.
+    ///
+    /// A write can only be refused after a freeze whose grace ran out with
+    /// this write's request still running (see the crate docs, "Exact
+    /// hand-over"), or on a handler that runs outside the SDK's serving.
+    pub fn update<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, Frozen> {
         let mut value = self.slot.lock();
         if self.slot.frozen.load(Ordering::SeqCst) {
-            self.shared.report_late_write(&self.slot.name);
-        }
-        f(&mut value)
-    }
-
-    /// Changes the value, unless this generation is frozen: then nothing
-    /// changes and the error says so.
-    pub fn try_update<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, Frozen> {
-        let mut value = self.slot.lock();
-        if self.slot.frozen.load(Ordering::SeqCst) {
+            self.shared.report_refused_write(&self.slot.name);
             return Err(Frozen {
                 name: self.slot.name.clone(),
             });
         }
+        self.slot.dirty.store(true, Ordering::Relaxed);
         Ok(f(&mut value))
     }
 
-    /// Replaces the value (see [`update`](Self::update) for frozen workers).
-    pub fn set(&self, value: T) {
-        self.update(|v| *v = value);
+    /// Replaces the value (see [`update`](Self::update) for when a write is
+    /// refused).
+    pub fn set(&self, value: T) -> Result<(), Frozen> {
+        self.update(|v| *v = value)
     }
 }
 
@@ -147,6 +163,9 @@ struct Slot<T> {
     /// Set, under `value`'s lock, once the value went into a freeze's
     /// snapshot; cleared by a thaw.
     frozen: AtomicBool,
+    /// Set by every write, under `value`'s lock; cleared when the value is
+    /// written into a pre-copy (so a freeze sends only what changed since).
+    dirty: AtomicBool,
 }
 
 impl<T> Slot<T> {
@@ -193,12 +212,18 @@ pub(crate) struct Shared {
     frozen: AtomicBool,
     /// Watched by `http::serve_worker`: accept only while not frozen.
     gate: watch::Sender<bool>,
-    /// Writes made while frozen.
-    late_writes: AtomicU64,
-    /// Whether the current freeze has logged its first late write.
-    late_logged: AtomicBool,
+    /// Writes refused because they came after a freeze's snapshot.
+    refused_writes: AtomicU64,
+    /// Whether the current freeze has logged its first refused write.
+    refused_logged: AtomicBool,
+    /// Work that a freeze waits for before it writes the snapshot: accept
+    /// loops that are accepting, connections, [`InFlight`] guards.
+    busy: watch::Sender<usize>,
     /// Every kept value, in the order they were kept.
     registry: Mutex<Vec<Arc<dyn Erased>>>,
+    /// Set, under `registry`'s lock, when a freeze's snapshot took the list
+    /// of values; cleared by a thaw.
+    handed: AtomicBool,
     /// This program's state format.
     pub(crate) format: u32,
     pub(crate) migrate: Option<Migrate>,
@@ -211,7 +236,11 @@ impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("State")
             .field("frozen", &self.frozen.load(Ordering::Relaxed))
-            .field("late_writes", &self.late_writes.load(Ordering::Relaxed))
+            .field(
+                "refused_writes",
+                &self.refused_writes.load(Ordering::Relaxed),
+            )
+            .field("busy", &*self.busy.borrow())
             .field("format", &self.format)
             .finish_non_exhaustive()
     }
@@ -222,9 +251,11 @@ impl Shared {
         Shared {
             frozen: AtomicBool::new(false),
             gate: watch::channel(false).0,
-            late_writes: AtomicU64::new(0),
-            late_logged: AtomicBool::new(false),
+            refused_writes: AtomicU64::new(0),
+            refused_logged: AtomicBool::new(false),
+            busy: watch::channel(0).0,
             registry: Mutex::new(Vec::new()),
+            handed: AtomicBool::new(false),
             format,
             migrate,
             previous: tokio::sync::OnceCell::new(),
@@ -243,8 +274,10 @@ impl Shared {
         let slot = Arc::new(Slot {
             name: name.to_owned(),
             value: Mutex::new(value),
-            // A value kept while frozen (odd, but possible) is born frozen.
-            frozen: AtomicBool::new(self.is_frozen()),
+            // A value kept after a freeze's snapshot (odd, but possible)
+            // is not in it: born frozen.
+            frozen: AtomicBool::new(self.handed.load(Ordering::SeqCst)),
+            dirty: AtomicBool::new(true),
         });
         registry.push(slot.clone());
         Ok(Kept {
@@ -253,18 +286,38 @@ impl Shared {
         })
     }
 
-    fn report_late_write(&self, name: &str) {
-        self.late_writes.fetch_add(1, Ordering::SeqCst);
-        if !self.late_logged.swap(true, Ordering::SeqCst) {
+    fn report_refused_write(&self, name: &str) {
+        self.refused_writes.fetch_add(1, Ordering::SeqCst);
+        if !self.refused_logged.swap(true, Ordering::SeqCst) {
             tracing::warn!(
-                "kept value `{name}` changed after this generation was frozen: the change \
-                 will not reach the next generation (further such writes are counted, not logged)"
+                "refused a write to kept value `{name}`: this generation's values were already \
+                 handed to the next one (further refused writes are counted, not logged)"
             );
         }
     }
 
-    pub(crate) fn late_writes(&self) -> u64 {
-        self.late_writes.load(Ordering::SeqCst)
+    pub(crate) fn refused_writes(&self) -> u64 {
+        self.refused_writes.load(Ordering::SeqCst)
+    }
+
+    /// Marks work a freeze must wait for, until the guard is dropped.
+    pub(crate) fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.busy.send_modify(|n| *n += 1);
+        InFlight {
+            shared: self.clone(),
+        }
+    }
+
+    /// How much work is in flight.
+    pub(crate) fn busy(&self) -> usize {
+        *self.busy.borrow()
+    }
+
+    /// Resolves once no work is in flight.
+    pub(crate) async fn quiet(&self) {
+        let mut rx = self.busy.subscribe();
+        // The sender lives in `self`: it cannot be dropped meanwhile.
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     pub(crate) fn is_frozen(&self) -> bool {
@@ -278,7 +331,7 @@ impl Shared {
     /// Freezes: the accept gate closes, and [`snapshot`](Self::snapshot)
     /// with `freeze` marks each value as it writes it.
     pub(crate) fn freeze(&self) {
-        self.late_logged.store(false, Ordering::SeqCst);
+        self.refused_logged.store(false, Ordering::SeqCst);
         self.frozen.store(true, Ordering::SeqCst);
         self.gate.send_replace(true);
     }
@@ -288,6 +341,7 @@ impl Shared {
         for value in self.values() {
             value.thaw();
         }
+        self.handed.store(false, Ordering::SeqCst);
         self.frozen.store(false, Ordering::SeqCst);
         self.gate.send_replace(false);
     }
@@ -304,7 +358,13 @@ impl Shared {
     /// frozen as it is written (a freeze's snapshot); without, it is a
     /// checkpoint. Blocking: run it off the async threads for large values.
     pub(crate) fn snapshot(&self, freeze: bool) -> std::io::Result<Option<(OwnedFd, u64)>> {
-        let values = self.values();
+        let values = {
+            let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+            if freeze {
+                self.handed.store(true, Ordering::SeqCst);
+            }
+            registry.clone()
+        };
         if values.is_empty() {
             return Ok(None);
         }
@@ -465,7 +525,7 @@ mod tests {
             .register("names", vec!["a".to_owned()])
             .expect("new name");
         assert!(shared.register("count", 0u64).is_err(), "duplicate name");
-        count.update(|c| *c += 1);
+        count.update(|c| *c += 1).expect("not frozen");
         let (fd, bytes) = shared
             .snapshot(false)
             .expect("snapshot")
@@ -483,27 +543,51 @@ mod tests {
     }
 
     #[test]
-    fn writes_after_a_freeze_are_reported_and_try_update_refuses_them() {
+    fn writes_after_a_freezes_snapshot_are_refused_and_a_thaw_takes_them_again() {
         let shared = Arc::new(Shared::new(1, None));
         let count = shared.register("count", 0u64).expect("new name");
-        count.update(|c| *c += 1);
+        count.update(|c| *c += 1).expect("not frozen");
         shared.freeze();
-        // Frozen, but not yet written into the snapshot: still carried over.
-        count.update(|c| *c += 1);
-        assert_eq!(shared.late_writes(), 0);
+        // Frozen, but the snapshot is not written yet: carried over.
+        count.update(|c| *c += 1).expect("before the snapshot");
         let (fd, bytes) = shared.snapshot(true).expect("snapshot").expect("not empty");
-        count.update(|c| *c += 1);
-        assert_eq!(shared.late_writes(), 1);
+        let err = count.update(|c| *c += 1).expect_err("after the snapshot");
+        assert_eq!(err.name, "count");
+        assert_eq!(shared.refused_writes(), 1);
+        assert_eq!(count.get(), 2, "a refused write changes nothing");
+        let late = shared.register("late", 0u64).expect("new name");
+        assert!(late.set(1).is_err(), "kept after the snapshot: not in it");
         let values = Mutex::new(Shared::new(1, None).load(fd, bytes).expect("loads"));
-        assert_eq!(
-            claim::<u64>(&values, "count"),
-            Ok(Some(2)),
-            "the late write is not in it"
-        );
-        assert!(count.try_update(|c| *c += 1).is_err());
-        assert_eq!(count.get(), 3);
+        assert_eq!(claim::<u64>(&values, "count"), Ok(Some(2)));
         shared.thaw();
-        assert_eq!(count.try_update(|c| *c + 1), Ok(4));
+        assert_eq!(
+            count.update(|c| {
+                *c += 1;
+                *c
+            }),
+            Ok(3)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_freeze_waits_for_the_work_in_flight() {
+        let shared = Arc::new(Shared::new(1, None));
+        let guard = shared.in_flight();
+        let second = shared.in_flight();
+        assert_eq!(shared.busy(), 2);
+        drop(second);
+        let quiet = tokio::spawn({
+            let shared = shared.clone();
+            async move { shared.quiet().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!quiet.is_finished());
+        drop(guard);
+        tokio::time::timeout(std::time::Duration::from_secs(10), quiet)
+            .await
+            .expect("quiet once the guard is gone")
+            .expect("join");
+        assert_eq!(shared.busy(), 0);
     }
 
     #[test]

@@ -847,11 +847,35 @@ impl Worker {
         }
     }
 
-    /// How many writes to kept values were made while this generation was
-    /// frozen: they will not reach the next generation (unless it fails and
-    /// this one thaws).
-    pub fn writes_after_freeze(&self) -> u64 {
-        self.inner.state.late_writes()
+    /// How many writes to kept values were refused because they came after
+    /// this generation's values were handed to the next one (see
+    /// [`Kept::update`]). Each was answered as an error, never acknowledged.
+    pub fn writes_refused(&self) -> u64 {
+        self.inner.state.refused_writes()
+    }
+
+    /// Marks work in flight that may write kept values, for a program that
+    /// serves without the SDK's serving functions (which hold one per
+    /// connection): a freeze waits until every guard is dropped, up to the
+    /// freeze grace (`baton run --freeze-grace`), before it hands the values
+    /// over. Take it before reading a request, drop it once answered.
+    ///
+    /// ```no_run
+    /// # async fn doc(worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+    /// let hits = worker.keep("hits", || 0u64).await?;
+    /// let guard = worker.in_flight();
+    /// if !worker.is_frozen() {
+    ///     let _ = hits.update(|n| *n += 1);
+    /// }
+    /// drop(guard);
+    /// # Ok(()) }
+    /// ```
+    pub fn in_flight(&self) -> crate::InFlight {
+        self.inner.state.in_flight()
+    }
+
+    pub(crate) fn shared_state(&self) -> &Arc<state::Shared> {
+        &self.inner.state
     }
 
     /// Whether this generation is frozen: its kept values were handed to the

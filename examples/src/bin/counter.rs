@@ -4,12 +4,16 @@
 //! Routes (listener `http`):
 //!
 //! - `GET /` increments the count and answers
-//!   `{"count": N, "generation": G, "pid": P, "after_freeze": false}`;
-//!   `after_freeze` is `true` when the increment landed after this
-//!   generation's values were handed to the next one (the SDK reports such
-//!   writes; they do not reach the next generation).
+//!   `{"count": N, "generation": G, "pid": P}`. An increment the SDK
+//!   refuses (this generation's values were already handed to the next
+//!   one) answers `503` with `Retry-After: 0` and `Connection: close`, and
+//!   does not count: every `200` is in the count the next generation starts
+//!   with.
+//! - `GET /slow/MS` waits MS milliseconds, then increments as `GET /` does
+//!   (a request in flight across a hand-over, for tests).
 //! - `GET /peek` answers the same without incrementing, plus
-//!   `"checkpointed"`: the count in the last checkpoint.
+//!   `"checkpointed"`: the count in the last checkpoint, and `"slow"`: how
+//!   many `/slow` requests have started.
 //!
 //! It checkpoints at least once a second while the count changes, so a
 //! `kill -9` loses at most a second of increments. `--state-format N`
@@ -34,10 +38,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use baton_worker::{Kept, Worker};
+use baton_worker::{Frozen, Kept, Worker};
 use serde_json::{json, Value};
 
 /// How often the count is checkpointed when it changed.
@@ -49,6 +53,7 @@ struct App {
     generation: u64,
     pid: u32,
     checkpointed: Arc<AtomicU64>,
+    slow: Arc<AtomicU64>,
 }
 
 #[tokio::main]
@@ -123,13 +128,14 @@ async fn run() -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     if filler.read(String::len) != ballast {
-        filler.set("x".repeat(ballast));
+        filler.set("x".repeat(ballast)).map_err(|e| e.to_string())?;
     }
     let app = App {
         count: count.clone(),
         generation: worker.generation(),
         pid: std::process::id(),
         checkpointed: Arc::new(AtomicU64::new(count.get())),
+        slow: Arc::new(AtomicU64::new(0)),
     };
     let checkpointer = worker.clone();
     let checkpointed = app.checkpointed.clone();
@@ -150,6 +156,7 @@ async fn run() -> Result<(), String> {
     );
     let router = Router::new()
         .route("/", get(increment))
+        .route("/slow/{ms}", get(slow))
         .route("/peek", get(peek))
         .with_state(app);
     tokio::select! {
@@ -159,37 +166,31 @@ async fn run() -> Result<(), String> {
     }
     worker.ready().map_err(|e| e.to_string())?;
     baton_worker::http::serve_worker(&worker, listener, router).await;
-    if worker.writes_after_freeze() > 0 {
+    if worker.writes_refused() > 0 {
         tracing::warn!(
-            "{} increments landed after the freeze and did not reach the next generation",
-            worker.writes_after_freeze()
+            "{} increments were refused (answered 503): they came after the hand-over",
+            worker.writes_refused()
         );
     }
     Ok(())
 }
 
-async fn increment(State(app): State<App>) -> Json<Value> {
-    let (count, after_freeze) = match app.count.try_update(|n| {
+async fn increment(State(app): State<App>) -> Result<Json<Value>, Frozen> {
+    let count = app.count.update(|n| {
         *n += 1;
         *n
-    }) {
-        Ok(count) => (count, false),
-        // Frozen: the count here goes on (this generation still answers),
-        // but the SDK counts and reports this write as not carried over.
-        Err(_) => (
-            app.count.update(|n| {
-                *n += 1;
-                *n
-            }),
-            true,
-        ),
-    };
-    Json(json!({
+    })?;
+    Ok(Json(json!({
         "count": count,
         "generation": app.generation,
         "pid": app.pid,
-        "after_freeze": after_freeze,
-    }))
+    })))
+}
+
+async fn slow(State(app): State<App>, Path(ms): Path<u64>) -> Result<Json<Value>, Frozen> {
+    app.slow.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    increment(State(app)).await
 }
 
 async fn peek(State(app): State<App>) -> Json<Value> {
@@ -198,5 +199,6 @@ async fn peek(State(app): State<App>) -> Json<Value> {
         "generation": app.generation,
         "pid": app.pid,
         "checkpointed": app.checkpointed.load(Ordering::SeqCst),
+        "slow": app.slow.load(Ordering::SeqCst),
     }))
 }

@@ -54,7 +54,13 @@ impl<H: Host> Supervisor<H> {
             self.send_state(number, StateSource::Checkpoint);
             return;
         };
-        match self.host.send(from, &SupervisorMessage::Freeze, &[]) {
+        // The grace must leave the successor time to get ready before the
+        // freeze times out.
+        let grace = self.config.freeze_grace.min(self.config.freeze_timeout / 2);
+        let freeze = SupervisorMessage::Freeze {
+            grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+        };
+        match self.host.send(from, &freeze, &[]) {
             Ok(()) => {
                 if let Some(g) = self.generations.get_mut(from) {
                     g.frozen = true;

@@ -71,7 +71,7 @@ fn malformed_data_fails_a_starting_generation_and_is_ignored_from_a_serving_one(
     assert!(rig
         .sent_to(1)
         .iter()
-        .any(|m| matches!(m, SupervisorMessage::Freeze)));
+        .any(|m| matches!(m, SupervisorMessage::Freeze { .. })));
 }
 
 #[test]
@@ -105,7 +105,7 @@ fn frozen() -> (Rig, oneshot::Receiver<Reply>) {
     assert!(rig
         .sent_to(1)
         .iter()
-        .any(|m| matches!(m, SupervisorMessage::Freeze)));
+        .any(|m| matches!(m, SupervisorMessage::Freeze { .. })));
     assert_eq!(rig.step(), Some(Step::AwaitingSnapshot));
     assert!(rig.status().generations[0].frozen);
     (rig, answer)
@@ -169,7 +169,7 @@ fn a_repeated_take_state_while_the_snapshot_is_awaited_sends_nothing_older() {
     let freezes = rig
         .sent_to(1)
         .iter()
-        .filter(|m| matches!(m, SupervisorMessage::Freeze))
+        .filter(|m| matches!(m, SupervisorMessage::Freeze { .. }))
         .count();
     assert_eq!(freezes, 1);
 }

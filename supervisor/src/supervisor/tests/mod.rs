@@ -147,6 +147,7 @@ pub(super) fn config() -> Config {
         group: None,
         max_state: 1 << 20,
         freeze_timeout: Duration::from_secs(10),
+        freeze_grace: Duration::from_secs(2),
         stop_timeout: None,
         metrics: None,
     }
