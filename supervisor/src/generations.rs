@@ -38,6 +38,8 @@ pub struct Generation {
     /// The worker said `hello`: it drains by message, not by signal, and
     /// keeps values a successor asks for.
     pub speaks_protocol: bool,
+    /// Its SDK answers `PreCopy` (said in its `hello`).
+    pub pre_copy: bool,
     /// Told to freeze for a successor that is not ready yet.
     pub frozen: bool,
     /// It was sent kept values (a snapshot or a checkpoint).
@@ -60,6 +62,7 @@ impl Generation {
             serving_since: None,
             draining_since: None,
             speaks_protocol: false,
+            pre_copy: false,
             frozen: false,
             took_state: false,
             status: None,

@@ -176,11 +176,32 @@ impl<T> Slot<T> {
     }
 }
 
+/// What a snapshot is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A checkpoint: every value; nothing is marked.
+    Checkpoint,
+    /// A pre-copy, while this generation serves on: every value, each
+    /// marked clean under its lock as it is written.
+    PreCopy,
+    /// A freeze: every value is marked frozen under its lock; with a
+    /// pre-copy held, only the values written since it are written.
+    Freeze,
+}
+
 /// What the snapshot writer needs of a kept value, whatever its type.
 trait Erased: Send + Sync {
     fn name(&self) -> &str;
-    /// Writes the value; with `freeze`, marks it frozen under the same lock.
-    fn write_json(&self, out: &mut dyn Write, freeze: bool) -> serde_json::Result<()>;
+    /// Writes `,"name":value` (no comma when `first`) if `purpose` wants
+    /// this value (`delta`: only if written since the pre-copy), and marks
+    /// it as `purpose` says, under the same lock. Returns whether it wrote.
+    fn write_entry(
+        &self,
+        out: &mut dyn Write,
+        purpose: Purpose,
+        delta: bool,
+        first: bool,
+    ) -> serde_json::Result<bool>;
     fn thaw(&self);
 }
 
@@ -189,19 +210,45 @@ impl<T: Serialize + Send> Erased for Slot<T> {
         &self.name
     }
 
-    fn write_json(&self, out: &mut dyn Write, freeze: bool) -> serde_json::Result<()> {
+    fn write_entry(
+        &self,
+        out: &mut dyn Write,
+        purpose: Purpose,
+        delta: bool,
+        first: bool,
+    ) -> serde_json::Result<bool> {
         let value = self.lock();
-        serde_json::to_writer(out, &*value)?;
-        if freeze {
-            self.frozen.store(true, Ordering::SeqCst);
+        let write = !delta || self.dirty.load(Ordering::SeqCst);
+        if write {
+            if !first {
+                out.write_all(b",").map_err(serde_json::Error::io)?;
+            }
+            serde_json::to_writer(&mut *out, &self.name)?;
+            out.write_all(b":").map_err(serde_json::Error::io)?;
+            serde_json::to_writer(&mut *out, &*value)?;
         }
-        Ok(())
+        match purpose {
+            Purpose::Checkpoint => {}
+            Purpose::PreCopy => self.dirty.store(false, Ordering::SeqCst),
+            Purpose::Freeze => self.frozen.store(true, Ordering::SeqCst),
+        }
+        Ok(write)
     }
 
     fn thaw(&self) {
         let _value = self.lock();
         self.frozen.store(false, Ordering::SeqCst);
     }
+}
+
+/// A snapshot written into a sealed memfd.
+#[derive(Debug)]
+pub(crate) struct Written {
+    pub(crate) fd: OwnedFd,
+    pub(crate) bytes: u64,
+    /// For a freeze after a pre-copy: the pre-copy (this snapshot holds only
+    /// the values written since), to send along.
+    pub(crate) base: Option<(OwnedFd, u64)>,
 }
 
 /// The state of one worker: its kept values, the frozen flag, and the
@@ -224,6 +271,14 @@ pub(crate) struct Shared {
     /// Set, under `registry`'s lock, when a freeze's snapshot took the list
     /// of values; cleared by a thaw.
     handed: AtomicBool,
+    /// The last pre-copy this generation wrote (its own descriptor of the
+    /// sealed memfd, and its size): a freeze then writes only what changed
+    /// since and sends it along.
+    base: Mutex<Option<(OwnedFd, u64)>>,
+    /// Set when this generation started from a snapshot that needed its
+    /// pre-copy: `ready` then checkpoints every value once, so baton holds
+    /// a whole snapshot again.
+    pub(crate) rebase: AtomicBool,
     /// This program's state format.
     pub(crate) format: u32,
     pub(crate) migrate: Option<Migrate>,
@@ -256,6 +311,8 @@ impl Shared {
             busy: watch::channel(0).0,
             registry: Mutex::new(Vec::new()),
             handed: AtomicBool::new(false),
+            base: Mutex::new(None),
+            rebase: AtomicBool::new(false),
             format,
             migrate,
             previous: tokio::sync::OnceCell::new(),
@@ -353,14 +410,17 @@ impl Shared {
             .clone()
     }
 
-    /// Writes every kept value into a new sealed memfd: `(fd, bytes)`, or
-    /// `None` when nothing is kept. With `freeze`, each value is marked
-    /// frozen as it is written (a freeze's snapshot); without, it is a
-    /// checkpoint. Blocking: run it off the async threads for large values.
-    pub(crate) fn snapshot(&self, freeze: bool) -> std::io::Result<Option<(OwnedFd, u64)>> {
+    /// Writes the kept values into a new sealed memfd for `purpose`, or
+    /// `None` when nothing is kept. Blocking: run it off the async threads
+    /// for large values.
+    ///
+    /// The document is `{"format": N, "values": {name: value, ...}}`, with
+    /// `"delta": true` when it holds only the values written since the
+    /// pre-copy sent along with it.
+    pub(crate) fn snapshot(&self, purpose: Purpose) -> std::io::Result<Option<Written>> {
         let values = {
             let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
-            if freeze {
+            if purpose == Purpose::Freeze {
                 self.handed.store(true, Ordering::SeqCst);
             }
             registry.clone()
@@ -368,6 +428,17 @@ impl Shared {
         if values.is_empty() {
             return Ok(None);
         }
+        let base = match purpose {
+            Purpose::Freeze => {
+                let base = self.base.lock().unwrap_or_else(PoisonError::into_inner);
+                match &*base {
+                    Some((fd, bytes)) => Some((fd.try_clone()?, *bytes)),
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let delta = base.is_some();
         let fd = nix::sys::memfd::memfd_create(
             c"baton-snapshot",
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
@@ -375,16 +446,22 @@ impl Shared {
         let file = File::from(fd);
         {
             let mut out = BufWriter::with_capacity(1 << 16, &file);
-            write!(out, "{{\"format\":{},\"values\":{{", self.format)?;
-            for (i, value) in values.iter().enumerate() {
-                if i > 0 {
-                    out.write_all(b",")?;
-                }
-                serde_json::to_writer(&mut out, value.name())?;
-                out.write_all(b":")?;
-                value.write_json(&mut out, freeze).map_err(|e| {
-                    std::io::Error::other(format!("serializing kept value `{}`: {e}", value.name()))
-                })?;
+            write!(out, "{{\"format\":{},", self.format)?;
+            if delta {
+                out.write_all(b"\"delta\":true,")?;
+            }
+            out.write_all(b"\"values\":{")?;
+            let mut first = true;
+            for value in &values {
+                let wrote = value
+                    .write_entry(&mut out, purpose, delta, first)
+                    .map_err(|e| {
+                        std::io::Error::other(format!(
+                            "serializing kept value `{}`: {e}",
+                            value.name()
+                        ))
+                    })?;
+                first &= !wrote;
             }
             out.write_all(b"}}")?;
             out.flush()?;
@@ -397,7 +474,11 @@ impl Shared {
                 SNAPSHOT_SEALS,
             )),
         )?;
-        Ok(Some((fd, bytes)))
+        if purpose == Purpose::PreCopy {
+            *self.base.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((fd.try_clone()?, bytes));
+        }
+        Ok(Some(Written { fd, bytes, base }))
     }
 
     /// Reads a snapshot the supervisor passed (announced as `bytes` long),
@@ -407,50 +488,92 @@ impl Shared {
     /// [`checked_len`]): a size that disagrees with the file is refused, so
     /// a wrong or hostile announcement never makes this allocate, map or
     /// parse more than the sealed file really holds.
+    #[cfg(test)]
     pub(crate) fn load(&self, fd: OwnedFd, bytes: u64) -> Result<Map<String, Value>, String> {
-        let len = checked_len(&fd, bytes)?;
-        // Parsed straight from a read-only mapping of the sealed memfd: the
-        // bytes the old generation wrote are read once, never copied.
-        let doc: Snapshot = match crate::sys::Mapped::sealed(&fd, len) {
-            Ok(mapped) => serde_json::from_slice(mapped.bytes()),
-            Err(e) => {
-                tracing::debug!("mapping the snapshot: {e}; reading it instead");
-                // `len` is the sealed file's own size, checked above.
-                let mut buf = vec![0u8; len];
-                // Positioned reads: the descriptor's offset is shared with
-                // every other holder of this memfd.
-                File::from(fd)
-                    .read_exact_at(&mut buf, 0)
-                    .map_err(|e| format!("reading the snapshot: {e}"))?;
-                serde_json::from_slice(&buf)
+        self.finish(None, parse(fd, bytes)?)
+    }
+
+    /// The values of `top`, over those of the pre-copy `base` when `top`
+    /// holds only what was written since; migrated from older formats.
+    /// `Err` is the reason to reject them.
+    pub(crate) fn finish(&self, base: Option<Doc>, top: Doc) -> Result<Map<String, Value>, String> {
+        let (format, mut values) = if top.delta {
+            let Some(mut base) = base else {
+                return Err(
+                    "the snapshot holds only the values written since a pre-copy, and the \
+                     pre-copy did not come with it"
+                        .to_owned(),
+                );
+            };
+            if base.format != top.format {
+                return Err(format!(
+                    "the snapshot has state format {} but its pre-copy has {}",
+                    top.format, base.format
+                ));
             }
-        }
-        .map_err(|e| format!("parsing the snapshot: {e}"))?;
-        let mut values = doc.values;
-        if doc.format > self.format {
+            base.values.extend(top.values);
+            (top.format, base.values)
+        } else {
+            (top.format, top.values)
+        };
+        if format > self.format {
             return Err(format!(
                 "the snapshot has state format {}, newer than this program's {} (a newer \
                  version wrote it; roll forward, or teach this one to read it)",
-                doc.format, self.format
+                format, self.format
             ));
         }
-        if doc.format < self.format {
+        if format < self.format {
             let Some(migrate) = &self.migrate else {
                 return Err(format!(
                     "the snapshot has state format {} and this program has {}, but no migration \
                      (Builder::migrate_state)",
-                    doc.format, self.format
+                    format, self.format
                 ));
             };
-            migrate(doc.format, &mut values).map_err(|e| {
+            migrate(format, &mut values).map_err(|e| {
                 format!(
                     "migrating the snapshot from format {} to {}: {e}",
-                    doc.format, self.format
+                    format, self.format
                 )
             })?;
         }
         Ok(values)
     }
+}
+
+/// Reads a snapshot the supervisor passed (announced as `bytes` long).
+///
+/// The memfd is checked before anything is allocated or mapped (see
+/// [`checked_len`]): a size that disagrees with the file is refused, so a
+/// wrong or hostile announcement never makes this allocate, map or parse
+/// more than the sealed file really holds.
+pub(crate) fn parse(fd: OwnedFd, bytes: u64) -> Result<Doc, String> {
+    let len = checked_len(&fd, bytes)?;
+    // Parsed straight from a read-only mapping of the sealed memfd: the
+    // bytes the old generation wrote are read once, never copied.
+    match crate::sys::Mapped::sealed(&fd, len) {
+        Ok(mapped) => serde_json::from_slice(mapped.bytes()),
+        Err(e) => {
+            tracing::debug!("mapping the snapshot: {e}; reading it instead");
+            // `len` is the sealed file's own size, checked above.
+            let mut buf = vec![0u8; len];
+            // Positioned reads: the descriptor's offset is shared with
+            // every other holder of this memfd.
+            File::from(fd)
+                .read_exact_at(&mut buf, 0)
+                .map_err(|e| format!("reading the snapshot: {e}"))?;
+            serde_json::from_slice(&buf)
+        }
+    }
+    .map_err(|e| format!("parsing the snapshot: {e}"))
+}
+
+/// The memfd's identity (device and inode): the same memfd passed on by
+/// the supervisor has the same one.
+pub(crate) fn identity(fd: &OwnedFd) -> Option<(u64, u64)> {
+    let stat = nix::sys::stat::fstat(fd).ok()?;
+    Some((stat.st_dev, stat.st_ino))
 }
 
 /// The seals without which a snapshot's size could change after it was
@@ -487,9 +610,12 @@ fn checked_len(fd: &OwnedFd, bytes: u64) -> Result<usize, String> {
 }
 
 /// A snapshot document as written by [`Shared::snapshot`].
-#[derive(serde::Deserialize)]
-struct Snapshot {
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct Doc {
     format: u32,
+    /// It holds only the values written since a pre-copy.
+    #[serde(default)]
+    delta: bool,
     values: Map<String, Value>,
 }
 
@@ -526,8 +652,8 @@ mod tests {
             .expect("new name");
         assert!(shared.register("count", 0u64).is_err(), "duplicate name");
         count.update(|c| *c += 1).expect("not frozen");
-        let (fd, bytes) = shared
-            .snapshot(false)
+        let Written { fd, bytes, .. } = shared
+            .snapshot(Purpose::Checkpoint)
             .expect("snapshot")
             .expect("not empty");
         let seals = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GET_SEALS).expect("seals");
@@ -550,7 +676,10 @@ mod tests {
         shared.freeze();
         // Frozen, but the snapshot is not written yet: carried over.
         count.update(|c| *c += 1).expect("before the snapshot");
-        let (fd, bytes) = shared.snapshot(true).expect("snapshot").expect("not empty");
+        let Written { fd, bytes, .. } = shared
+            .snapshot(Purpose::Freeze)
+            .expect("snapshot")
+            .expect("not empty");
         let err = count.update(|c| *c += 1).expect_err("after the snapshot");
         assert_eq!(err.name, "count");
         assert_eq!(shared.refused_writes(), 1);
@@ -566,6 +695,43 @@ mod tests {
                 *c
             }),
             Ok(3)
+        );
+    }
+
+    #[test]
+    fn a_freeze_after_a_pre_copy_writes_only_what_changed_and_reads_whole() {
+        let shared = Arc::new(Shared::new(1, None));
+        let count = shared.register("count", 1u64).expect("new name");
+        shared
+            .register("ballast", "x".repeat(1000))
+            .expect("new name");
+        let pre = shared
+            .snapshot(Purpose::PreCopy)
+            .expect("pre-copy")
+            .expect("not empty");
+        assert!(pre.base.is_none());
+        count.update(|c| *c += 1).expect("not frozen");
+        shared.freeze();
+        let top = shared
+            .snapshot(Purpose::Freeze)
+            .expect("snapshot")
+            .expect("not empty");
+        let (base_fd, base_bytes) = top.base.expect("the pre-copy goes along");
+        assert_eq!(base_bytes, pre.bytes);
+        assert_eq!(identity(&base_fd), identity(&pre.fd), "the very same memfd");
+        assert!(top.bytes < 64, "only the count: {} bytes", top.bytes);
+        assert!(count.update(|c| *c += 1).is_err(), "frozen, every value");
+        let next = Shared::new(1, None);
+        let delta = parse(top.fd.try_clone().expect("dup"), top.bytes).expect("parses");
+        let err = next.finish(None, delta).expect_err("no pre-copy");
+        assert!(err.contains("the pre-copy did not come with it"), "{err}");
+        let base = parse(base_fd, base_bytes).expect("parses");
+        let delta = parse(top.fd, top.bytes).expect("parses");
+        let values = Mutex::new(next.finish(Some(base), delta).expect("whole"));
+        assert_eq!(claim::<u64>(&values, "count"), Ok(Some(2)));
+        assert_eq!(
+            claim::<String>(&values, "ballast"),
+            Ok(Some("x".repeat(1000)))
         );
     }
 
@@ -594,7 +760,10 @@ mod tests {
     fn formats_are_migrated_or_refused() {
         let old = Arc::new(Shared::new(1, None));
         old.register("count", 7u64).expect("new name");
-        let (fd, bytes) = old.snapshot(false).expect("snapshot").expect("not empty");
+        let Written { fd, bytes, .. } = old
+            .snapshot(Purpose::Checkpoint)
+            .expect("snapshot")
+            .expect("not empty");
         let dup = |fd: &OwnedFd| fd.try_clone().expect("dup");
 
         let without_hook = Shared::new(2, None);

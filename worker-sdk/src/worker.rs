@@ -485,7 +485,19 @@ impl Worker {
                 what: "ready",
                 source,
             }
-        })
+        })?;
+        // Started from values in two pieces (a pre-copy and what changed
+        // since): hand baton every value in one, for a crash restart and
+        // systemd's store, now that the accept pause is over.
+        if self.inner.state.rebase.swap(false, Ordering::SeqCst) {
+            let worker = self.clone();
+            self.inner.runtime.spawn_blocking(move || {
+                if let Err(e) = worker.checkpoint() {
+                    tracing::warn!("checkpointing the values taken over: {e}");
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Sets the status line `baton status` shows for this generation. Line
@@ -750,26 +762,39 @@ impl Worker {
             })
     }
 
-    /// Asks the supervisor for the previous generation's values.
+    /// Asks the supervisor for the previous generation's values: first a
+    /// pre-copy, read while the previous generation serves on, then the
+    /// final values (the freeze), which hold only what changed since.
     async fn load_previous(
         &self,
     ) -> Result<std::sync::Mutex<serde_json::Map<String, serde_json::Value>>, Error> {
         let Some(channel) = &self.inner.channel else {
             return Ok(Default::default());
         };
-        // A generation failed while it waits (its predecessor's snapshot
-        // was refused, say) is told to drain: stop waiting then.
-        let reply = tokio::select! {
-            reply = channel.take_state() => reply.map_err(|source| Error::Send {
-                what: "a request for the kept values",
-                source,
-            })?,
-            () = self.drained() => return Err(Error::DrainedBeforeState),
+        let pre_copy = self.ask(channel, WorkerMessage::Prepare).await?;
+        let pre_copy = match (pre_copy.fds.into_iter().next(), pre_copy.bytes) {
+            (Some(fd), bytes) => {
+                let identity = state::identity(&fd);
+                // A pre-copy that does not read is no reason to reject
+                // anything yet: the final values decide.
+                match parse_blocking(fd, bytes).await {
+                    Ok(doc) => Some((identity, doc)),
+                    Err(e) => {
+                        tracing::warn!(
+                            "reading the pre-copy: {e}; taking every value at the freeze"
+                        );
+                        None
+                    }
+                }
+            }
+            (None, _) => None,
         };
+        let reply = self.ask(channel, WorkerMessage::TakeState).await?;
         if let Some(reason) = reply.lost {
             return Err(self.reject(format!("receiving the kept values: {reason}")));
         }
-        let values = match reply.fd {
+        let mut fds = reply.fds.into_iter();
+        let values = match fds.next() {
             None if reply.bytes == 0 => Default::default(),
             None => {
                 return Err(self.reject(format!(
@@ -778,13 +803,34 @@ impl Worker {
                 )))
             }
             Some(fd) => {
-                let shared = self.inner.state.clone();
-                let bytes = reply.bytes;
-                let loaded = tokio::task::spawn_blocking(move || shared.load(fd, bytes))
-                    .await
-                    .map_err(|e| format!("the loading task failed: {e}"))
-                    .and_then(|r| r);
-                match loaded {
+                let top = match parse_blocking(fd, reply.bytes).await {
+                    Ok(doc) => doc,
+                    Err(reason) => return Err(self.reject(reason)),
+                };
+                let base = match (reply.base_bytes, fds.next()) {
+                    (None, _) => None,
+                    (Some(bytes), None) => {
+                        return Err(self.reject(format!(
+                            "the supervisor announced a pre-copy of {bytes} bytes but sent no \
+                             memfd for it"
+                        )))
+                    }
+                    (Some(bytes), Some(fd)) => {
+                        let id = state::identity(&fd);
+                        match pre_copy {
+                            // The very pre-copy read before the freeze.
+                            Some((pre_id, doc)) if pre_id.is_some() && pre_id == id => Some(doc),
+                            _ => match parse_blocking(fd, bytes).await {
+                                Ok(doc) => Some(doc),
+                                Err(reason) => return Err(self.reject(reason)),
+                            },
+                        }
+                    }
+                };
+                if base.is_some() {
+                    self.inner.state.rebase.store(true, Ordering::SeqCst);
+                }
+                match self.inner.state.finish(base, top) {
                     Ok(values) => values,
                     Err(reason) => return Err(self.reject(reason)),
                 }
@@ -800,6 +846,23 @@ impl Worker {
             }
         );
         Ok(std::sync::Mutex::new(values))
+    }
+
+    /// Sends `ask` (`Prepare` or `TakeState`) and waits for the answer; a
+    /// generation failed while it waits (its predecessor's snapshot was
+    /// refused, say) is told to drain: stop waiting then.
+    async fn ask(
+        &self,
+        channel: &Channel,
+        ask: WorkerMessage,
+    ) -> Result<crate::channel::StateReply, Error> {
+        tokio::select! {
+            reply = channel.ask_state(ask) => reply.map_err(|source| Error::Send {
+                what: "a request for the kept values",
+                source,
+            }),
+            () = self.drained() => Err(Error::DrainedBeforeState),
+        }
     }
 
     /// Tells the supervisor the kept values cannot be used; the error for
@@ -835,9 +898,14 @@ impl Worker {
         if self.inner.state.is_frozen() {
             return Ok(());
         }
-        match self.inner.state.snapshot(false) {
-            Ok(Some((fd, bytes))) => channel
-                .send_with(WorkerMessage::Checkpoint { bytes }, Some(fd))
+        match self.inner.state.snapshot(state::Purpose::Checkpoint) {
+            Ok(Some(written)) => channel
+                .send_with(
+                    WorkerMessage::Checkpoint {
+                        bytes: written.bytes,
+                    },
+                    Some(written.fd),
+                )
                 .map_err(|source| Error::Send {
                     what: "a checkpoint",
                     source,
@@ -925,6 +993,14 @@ impl Worker {
         });
         Ok(())
     }
+}
+
+/// Parses a snapshot memfd off the async threads (it may be large).
+async fn parse_blocking(fd: OwnedFd, bytes: u64) -> Result<state::Doc, String> {
+    tokio::task::spawn_blocking(move || state::parse(fd, bytes))
+        .await
+        .map_err(|e| format!("the loading task failed: {e}"))
+        .and_then(|r| r)
 }
 
 fn register_error(name: &str, source: std::io::Error) -> Error {
@@ -1091,12 +1167,22 @@ mod tests {
             .expect("start");
         let ours = supervisor.join().unwrap();
         let answer = std::thread::spawn(move || {
+            let (ask, _): (WorkerMessage, _) = protocol::recv(ours.as_fd()).expect("prepare");
+            assert_eq!(ask, WorkerMessage::Prepare);
+            let none = SupervisorMessage::State {
+                source: StateSource::PreCopy,
+                generation: None,
+                bytes: 0,
+                base_bytes: None,
+            };
+            protocol::send(ours.as_fd(), &none, &[]).expect("no pre-copy");
             let (ask, _): (WorkerMessage, _) = protocol::recv(ours.as_fd()).expect("take_state");
             assert_eq!(ask, WorkerMessage::TakeState);
             let state = SupervisorMessage::State {
                 source: StateSource::Snapshot,
                 generation: Some(1),
                 bytes: 10,
+                base_bytes: None,
             };
             protocol::send(ours.as_fd(), &state, &[]).expect("state");
             let (answer, _): (WorkerMessage, _) = protocol::recv(ours.as_fd()).expect("answer");

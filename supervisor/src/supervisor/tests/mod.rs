@@ -216,6 +216,7 @@ impl Rig {
             WorkerMessage::Hello {
                 protocol: PROTOCOL_VERSION,
                 pid,
+                pre_copy: true,
             },
         );
     }
