@@ -11,6 +11,9 @@
 //!   with.
 //! - `GET /slow/MS` waits MS milliseconds, then increments as `GET /` does
 //!   (a request in flight across a hand-over, for tests).
+//! - `GET /note` rewrites `note`, a kept value of 1 KiB, and `GET
+//!   /ballast` rewrites the whole ballast (for benchmarks: what a freeze
+//!   hands over after a pre-copy is what was written since).
 //! - `GET /peek` answers the same without incrementing, plus
 //!   `"checkpointed"`: the count in the last checkpoint, and `"slow"`: how
 //!   many `/slow` requests have started.
@@ -54,6 +57,8 @@ struct App {
     pid: u32,
     checkpointed: Arc<AtomicU64>,
     slow: Arc<AtomicU64>,
+    note: Kept<String>,
+    ballast: Kept<String>,
 }
 
 #[tokio::main]
@@ -127,6 +132,10 @@ async fn run() -> Result<(), String> {
         .keep("ballast", || "x".repeat(ballast))
         .await
         .map_err(|e| e.to_string())?;
+    let note = worker
+        .keep("note", || "a".repeat(1024))
+        .await
+        .map_err(|e| e.to_string())?;
     if filler.read(String::len) != ballast {
         filler.set("x".repeat(ballast)).map_err(|e| e.to_string())?;
     }
@@ -136,6 +145,8 @@ async fn run() -> Result<(), String> {
         pid: std::process::id(),
         checkpointed: Arc::new(AtomicU64::new(count.get())),
         slow: Arc::new(AtomicU64::new(0)),
+        note,
+        ballast: filler,
     };
     let checkpointer = worker.clone();
     let checkpointed = app.checkpointed.clone();
@@ -157,6 +168,8 @@ async fn run() -> Result<(), String> {
     let router = Router::new()
         .route("/", get(increment))
         .route("/slow/{ms}", get(slow))
+        .route("/note", get(rewrite_note))
+        .route("/ballast", get(rewrite_ballast))
         .route("/peek", get(peek))
         .with_state(app);
     tokio::select! {
@@ -191,6 +204,24 @@ async fn slow(State(app): State<App>, Path(ms): Path<u64>) -> Result<Json<Value>
     app.slow.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(ms)).await;
     increment(State(app)).await
+}
+
+/// Rewrites `value` whole with the other of two letters.
+fn rewrite(value: &Kept<String>) -> Result<Json<Value>, Frozen> {
+    let bytes = value.update(|s| {
+        let next = if s.starts_with('a') { "b" } else { "a" };
+        *s = next.repeat(s.len());
+        s.len()
+    })?;
+    Ok(Json(json!({ "rewrote": value.name(), "bytes": bytes })))
+}
+
+async fn rewrite_note(State(app): State<App>) -> Result<Json<Value>, Frozen> {
+    rewrite(&app.note)
+}
+
+async fn rewrite_ballast(State(app): State<App>) -> Result<Json<Value>, Frozen> {
+    rewrite(&app.ballast)
 }
 
 async fn peek(State(app): State<App>) -> Json<Value> {
