@@ -40,6 +40,8 @@ pub struct Generation {
     pub speaks_protocol: bool,
     /// Its SDK answers `PreCopy` (said in its `hello`).
     pub pre_copy: bool,
+    /// It asked for a pre-copy (`Prepare`) and has not had its answer.
+    pub awaits_pre_copy: bool,
     /// Told to freeze for a successor that is not ready yet.
     pub frozen: bool,
     /// It was sent kept values (a snapshot or a checkpoint).
@@ -63,6 +65,7 @@ impl Generation {
             draining_since: None,
             speaks_protocol: false,
             pre_copy: false,
+            awaits_pre_copy: false,
             frozen: false,
             took_state: false,
             status: None,

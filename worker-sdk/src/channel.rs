@@ -303,9 +303,10 @@ impl Channel {
                     let timeout = Duration::from_millis(timeout_ms);
                     drain.fire(DrainCause::Supervisor { timeout }, Some(timeout));
                 }
-                SupervisorMessage::Freeze { grace_ms } => {
+                SupervisorMessage::Freeze { grace_ms, delta } => {
                     let grace = grace_ms.unwrap_or(protocol::DEFAULT_FREEZE_GRACE_MS);
-                    self.freeze(&state, Duration::from_millis(grace)).await;
+                    self.freeze(&state, Duration::from_millis(grace), delta)
+                        .await;
                 }
                 SupervisorMessage::PreCopy { for_generation } => {
                     self.pre_copy(&state, for_generation).await;
@@ -414,7 +415,7 @@ impl Channel {
     /// accepting, open connections) finishes, for up to `grace`; only then
     /// are the values written, and a write after that is refused. So every
     /// write acknowledged before the snapshot is in it.
-    async fn freeze(&self, state: &Arc<Shared>, grace: Duration) {
+    async fn freeze(&self, state: &Arc<Shared>, grace: Duration, delta: bool) {
         state.freeze();
         if tokio::time::timeout(grace, state.quiet()).await.is_err() {
             tracing::warn!(
@@ -424,7 +425,12 @@ impl Channel {
             );
         }
         let writer = state.clone();
-        let snapshot = tokio::task::spawn_blocking(move || writer.snapshot(Purpose::Freeze)).await;
+        let purpose = if delta {
+            Purpose::Freeze
+        } else {
+            Purpose::FreezeWhole
+        };
+        let snapshot = tokio::task::spawn_blocking(move || writer.snapshot(purpose)).await;
         let sent = match snapshot {
             Ok(Ok(Some(w))) => {
                 let mut fds = vec![w.fd];

@@ -171,6 +171,11 @@ pub enum SupervisorMessage {
         /// [`DEFAULT_FREEZE_GRACE_MS`].
         #[serde(default)]
         grace_ms: Option<u64>,
+        /// The successor reads a snapshot that holds only the values
+        /// written since this generation's last pre-copy (it said so in its
+        /// `hello`); otherwise the snapshot holds every value.
+        #[serde(default)]
+        delta: bool,
     },
     /// The successor failed: accept again, with the values as they are.
     Thaw,

@@ -63,6 +63,7 @@ impl<H: Host> Supervisor<H> {
         let grace = self.config.freeze_grace.min(self.config.freeze_timeout / 2);
         let freeze = SupervisorMessage::Freeze {
             grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+            delta: self.generations.get(number).is_some_and(|g| g.pre_copy),
         };
         match self.host.send(from, &freeze, &[]) {
             Ok(()) => {
@@ -130,6 +131,9 @@ impl<H: Host> Supervisor<H> {
             match self.host.send(from, &ask, &[]) {
                 Ok(()) => {
                     tracing::debug!("generation {from} pre-copies its kept values for {number}");
+                    if let Some(g) = self.generations.get_mut(number) {
+                        g.awaits_pre_copy = true;
+                    }
                     return;
                 }
                 Err(e) => tracing::warn!("asking generation {from} for a pre-copy: {e}"),
@@ -138,8 +142,26 @@ impl<H: Host> Supervisor<H> {
         self.send_no_pre_copy(number);
     }
 
+    /// A serving generation is gone: whoever waits for its pre-copy goes
+    /// on without one.
+    pub(super) fn pre_copies_lost(&mut self) {
+        let waiting: Vec<u64> = self
+            .generations
+            .iter()
+            .filter(|g| g.awaits_pre_copy)
+            .map(|g| g.number)
+            .collect();
+        for number in waiting {
+            self.send_no_pre_copy(number);
+        }
+    }
+
     /// Tells `number` there is no pre-copy: it goes on with `TakeState`.
     fn send_no_pre_copy(&mut self, number: u64) {
+        match self.generations.get_mut(number) {
+            Some(g) => g.awaits_pre_copy = false,
+            None => return,
+        }
         let none = SupervisorMessage::State {
             source: StateSource::PreCopy,
             generation: None,
@@ -182,6 +204,9 @@ impl<H: Host> Supervisor<H> {
             bytes,
             base_bytes: None,
         };
+        if let Some(g) = self.generations.get_mut(to) {
+            g.awaits_pre_copy = false;
+        }
         if let Err(e) = self.host.send(to, &state, &[snapshot.fd()]) {
             self.protocol_error(to, format!("sending its pre-copy: {e}"));
         }

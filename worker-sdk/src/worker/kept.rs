@@ -22,13 +22,15 @@ impl Worker {
     /// The value the previous generation kept under `name`, or `init()` on
     /// a first start (or when it kept nothing under that name).
     ///
-    /// The first call asks the supervisor for the previous generation's
-    /// values, and the supervisor **freezes** that generation for the
-    /// hand-over: it stops accepting (clients wait in the kernel's queue),
-    /// finishes its requests in flight, and writes its values. So call
-    /// `keep` after slow initialisation, just before [`ready`](Self::ready).
-    /// If this generation then fails before it is ready, the old one thaws
-    /// and serves on with its values.
+    /// The first call asks the supervisor for a **pre-copy** of the previous
+    /// generation's values (written while it serves on) and parses it, then
+    /// for the final values: the supervisor **freezes** that generation for
+    /// the hand-over: it stops accepting (clients wait in the kernel's
+    /// queue), reads no new request, finishes the requests in flight, and
+    /// writes only the values changed since the pre-copy. So call `keep`
+    /// after slow initialisation, just before [`ready`](Self::ready). If this
+    /// generation then fails before it is ready, the old one thaws and
+    /// serves on with every value it had.
     ///
     /// A value of the previous generation that does not decode as `T`, or a
     /// snapshot this program cannot read (see
@@ -41,7 +43,7 @@ impl Worker {
     /// let worker = baton_worker::start().await?;
     /// let visits = worker.keep("visits", || 0u64).await?;
     /// worker.ready()?;
-    /// visits.update(|n| *n += 1);
+    /// visits.update(|n| *n += 1)?;
     /// # Ok(()) }
     /// ```
     pub async fn keep<T>(&self, name: &str, init: impl FnOnce() -> T) -> Result<Kept<T>, Error>
