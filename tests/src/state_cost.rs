@@ -82,9 +82,10 @@ pub fn measure(sizes: &[usize], rounds: usize) -> Result<Vec<Row>, String> {
     sizes
         .iter()
         .map(|&bytes| {
-            let pause = Stats::of(accept_pauses(bytes, rounds, "/note")?).ok_or("no reloads")?;
+            let pause =
+                Stats::of(accept_pauses(bytes, rounds, "/note", false)?).ok_or("no reloads")?;
             let pause_all =
-                Stats::of(accept_pauses(bytes, rounds, "/ballast")?).ok_or("no reloads")?;
+                Stats::of(accept_pauses(bytes, rounds, "/ballast", true)?).ok_or("no reloads")?;
             let mut memfd = Vec::new();
             let mut relay = Vec::new();
             let mut copy = Vec::new();
@@ -136,20 +137,33 @@ fn human(bytes: usize) -> String {
 
 /// Reloads `counter --ballast bytes` `rounds` times, each time after a
 /// `GET write` (`/note`: 1 KiB of the values written; `/ballast`: all of
-/// them); each reload's accept pause as baton measured it.
-fn accept_pauses(bytes: usize, rounds: usize, write: &str) -> Result<Vec<f64>, String> {
+/// them), once baton has settled (the previous generation gone); each
+/// reload's accept pause as baton measured it. `all_dirty`: without a
+/// pre-copy, so every value is written and read inside the pause, as when
+/// everything was written between the pre-copy and the freeze.
+fn accept_pauses(
+    bytes: usize,
+    rounds: usize,
+    write: &str,
+    all_dirty: bool,
+) -> Result<Vec<f64>, String> {
     let counter = bin("counter");
     let baton = Baton::builder()
         .args(["--listen", "http=tcp://127.0.0.1:0", "--max-state", "1GiB"])
-        .worker([
-            counter.as_os_str().to_owned(),
-            "--ballast".into(),
-            bytes.to_string().into(),
-        ])
+        .worker(
+            [
+                counter.as_os_str().to_owned(),
+                "--ballast".into(),
+                bytes.to_string().into(),
+            ]
+            .into_iter()
+            .chain(all_dirty.then(|| "--no-pre-copy".into())),
+        )
         .start();
     let addr = baton.address("http");
     let mut pauses = Vec::new();
     for _ in 0..rounds {
+        baton.wait_settled();
         crate::http::get_json(&addr, write, crate::http::TIMEOUT)
             .map_err(|e| format!("writing before a reload: {e}"))?;
         let answer = baton.reload();

@@ -89,6 +89,20 @@ pub(crate) struct StateReply {
     pub(crate) lost: Option<String>,
 }
 
+impl StateReply {
+    /// No values (no pre-copy asked for).
+    pub(crate) fn none() -> StateReply {
+        StateReply {
+            source: StateSource::None,
+            generation: None,
+            bytes: 0,
+            base_bytes: None,
+            fds: Vec::new(),
+            lost: None,
+        }
+    }
+}
+
 impl Channel {
     /// Registers `fd` (already non-blocking) with the current runtime.
     pub(crate) fn new(fd: OwnedFd) -> std::io::Result<Channel> {

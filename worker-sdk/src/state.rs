@@ -291,6 +291,8 @@ pub(crate) struct Shared {
     /// pre-copy: `ready` then checkpoints every value once, so baton holds
     /// a whole snapshot again.
     pub(crate) rebase: AtomicBool,
+    /// Whether `keep` asks for a pre-copy (`Builder::pre_copy`).
+    pub(crate) pre_copy: AtomicBool,
     /// This program's state format.
     pub(crate) format: u32,
     pub(crate) migrate: Option<Migrate>,
@@ -325,6 +327,7 @@ impl Shared {
             handed: AtomicBool::new(false),
             base: Mutex::new(None),
             rebase: AtomicBool::new(false),
+            pre_copy: AtomicBool::new(true),
             format,
             migrate,
             previous: tokio::sync::OnceCell::new(),

@@ -67,6 +67,7 @@ pub struct Builder {
     signals: bool,
     state_format: u32,
     migrate: Option<Migrate>,
+    pre_copy: bool,
 }
 
 impl std::fmt::Debug for Builder {
@@ -76,6 +77,7 @@ impl std::fmt::Debug for Builder {
             .field("signals", &self.signals)
             .field("state_format", &self.state_format)
             .field("migrate", &self.migrate.is_some())
+            .field("pre_copy", &self.pre_copy)
             .finish()
     }
 }
@@ -97,6 +99,16 @@ impl Builder {
     /// ```
     pub fn default_listener(mut self, name: impl Into<String>, addr: impl Into<String>) -> Self {
         self.defaults.push((name.into(), addr.into()));
+        self
+    }
+
+    /// Whether the first [`keep`](Worker::keep) asks for a pre-copy of the
+    /// previous generation's values (the default: `true`), read while it
+    /// serves on, so that its freeze hands over only what changed since.
+    /// With `false`, every value is written and read inside the accept
+    /// pause (benchmarks use it to measure that worst case).
+    pub fn pre_copy(mut self, pre_copy: bool) -> Self {
+        self.pre_copy = pre_copy;
         self
     }
 
@@ -162,6 +174,7 @@ impl Builder {
     pub async fn start(self) -> Result<Worker, Error> {
         let runtime = Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let state = Arc::new(state::Shared::new(self.state_format, self.migrate.clone()));
+        state.pre_copy.store(self.pre_copy, Ordering::SeqCst);
         let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
         let worker = match env(CHANNEL_FD_ENV) {
             Some(value) => {
@@ -415,6 +428,7 @@ impl Worker {
             signals: true,
             state_format: 1,
             migrate: None,
+            pre_copy: true,
         }
     }
 

@@ -28,6 +28,9 @@
 //! ready: the wrong order, which baton's `--freeze-timeout` guards against.
 //! `--keep-delay MS` initialises that long before taking the count: the
 //! right order, while the previous generation still serves.
+//! `--no-pre-copy` takes every value at the freeze, inside the accept pause
+//! (for benchmarks: what a hand-over costs when everything was written
+//! since the pre-copy).
 //!
 //! ```sh
 //! baton run --listen http=tcp://127.0.0.1:8080 -- target/debug/counter
@@ -77,9 +80,9 @@ async fn main() -> ExitCode {
 }
 
 /// `--state-format N`, `--ballast BYTES`, `--ready-delay MS`,
-/// `--keep-delay MS`.
+/// `--keep-delay MS`; `--no-pre-copy` is read by `run`.
 fn options() -> Result<(u32, usize, u64, u64), String> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).filter(|a| a != "--no-pre-copy");
     let (mut format, mut ballast, mut delay, mut keep_delay) = (1, 0, 0, 0);
     while let Some(arg) = args.next() {
         let mut number = |flag: &str| -> Result<u64, String> {
@@ -115,6 +118,7 @@ async fn run() -> Result<(), String> {
     let worker = Worker::builder()
         .default_listener("http", "tcp://127.0.0.1:3000")
         .state_format(format)
+        .pre_copy(!std::env::args().any(|a| a == "--no-pre-copy"))
         .start()
         .await
         .map_err(|e| e.to_string())?;

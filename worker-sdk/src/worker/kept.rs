@@ -76,7 +76,11 @@ impl Worker {
         let Some(channel) = &self.inner.channel else {
             return Ok(Default::default());
         };
-        let pre_copy = self.ask(channel, WorkerMessage::Prepare).await?;
+        let pre_copy = if self.inner.state.pre_copy.load(Ordering::SeqCst) {
+            self.ask(channel, WorkerMessage::Prepare).await?
+        } else {
+            crate::channel::StateReply::none()
+        };
         let pre_copy = match (pre_copy.fds.into_iter().next(), pre_copy.bytes) {
             (Some(fd), bytes) => {
                 let identity = state::identity(&fd);
