@@ -40,7 +40,7 @@ use std::io::{BufWriter, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -84,7 +84,7 @@ impl<T: fmt::Debug> fmt::Debug for Kept<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Kept")
             .field("name", &self.slot.name)
-            .field("value", &*self.slot.lock())
+            .field("value", &*self.slot.read())
             .finish()
     }
 }
@@ -124,7 +124,7 @@ impl<T> Kept<T> {
 
     /// Reads the value.
     pub fn read<R>(&self, f: impl FnOnce(&T) -> R) -> R {
-        f(&self.slot.lock())
+        f(&self.slot.read())
     }
 
     /// A copy of the value.
@@ -132,7 +132,7 @@ impl<T> Kept<T> {
     where
         T: Clone,
     {
-        self.slot.lock().clone()
+        self.slot.read().clone()
     }
 
     /// Changes the value, unless this generation's values were already
@@ -147,7 +147,7 @@ impl<T> Kept<T> {
     /// this write's request still running (see the crate docs, "Exact
     /// hand-over"), or on a handler that runs outside the SDK's serving.
     pub fn update<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, Frozen> {
-        let mut value = self.slot.lock();
+        let mut value = self.slot.write();
         if self.slot.frozen.load(Ordering::SeqCst) {
             self.shared.report_refused_write(&self.slot.name);
             return Err(Frozen {
@@ -168,7 +168,7 @@ impl<T> Kept<T> {
 /// One kept value and its name.
 struct Slot<T> {
     name: String,
-    value: Mutex<T>,
+    value: RwLock<T>,
     /// Set, under `value`'s lock, once the value went into a freeze's
     /// snapshot; cleared by a thaw.
     frozen: AtomicBool,
@@ -178,10 +178,16 @@ struct Slot<T> {
 }
 
 impl<T> Slot<T> {
-    fn lock(&self) -> MutexGuard<'_, T> {
-        // A panic while holding the lock leaves the value as the panicking
-        // code left it; serving it is better than losing the worker.
-        self.value.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Readers, the snapshot writer included, share the value: a
+    /// checkpoint serializing a large value holds up no freeze (which only
+    /// needs writers out to mark it) and no reader.
+    fn read(&self) -> RwLockReadGuard<'_, T> {
+        self.value.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A writer excludes everyone else.
+    fn write(&self) -> RwLockWriteGuard<'_, T> {
+        self.value.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -217,7 +223,7 @@ trait Erased: Send + Sync {
     fn thaw(&self);
 }
 
-impl<T: Serialize + Send> Erased for Slot<T> {
+impl<T: Serialize + Send + Sync> Erased for Slot<T> {
     fn name(&self) -> &str {
         &self.name
     }
@@ -229,7 +235,7 @@ impl<T: Serialize + Send> Erased for Slot<T> {
         delta: bool,
         first: bool,
     ) -> serde_json::Result<bool> {
-        let value = self.lock();
+        let value = self.read();
         let write = !delta || self.dirty.load(Ordering::SeqCst);
         if write {
             if !first {
@@ -248,7 +254,7 @@ impl<T: Serialize + Send> Erased for Slot<T> {
     }
 
     fn thaw(&self) {
-        let _value = self.lock();
+        let _value = self.write();
         self.frozen.store(false, Ordering::SeqCst);
     }
 }
@@ -337,7 +343,7 @@ impl Shared {
     /// Registers a new kept value; `Err` if the name is taken.
     pub(crate) fn register<T>(self: &Arc<Self>, name: &str, value: T) -> Result<Kept<T>, ()>
     where
-        T: Serialize + Send + 'static,
+        T: Serialize + Send + Sync + 'static,
     {
         let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
         if registry.iter().any(|e| e.name() == name) {
@@ -345,7 +351,7 @@ impl Shared {
         }
         let slot = Arc::new(Slot {
             name: name.to_owned(),
-            value: Mutex::new(value),
+            value: RwLock::new(value),
             // A value kept after a freeze's snapshot (odd, but possible)
             // is not in it: born frozen.
             frozen: AtomicBool::new(self.handed.load(Ordering::SeqCst)),

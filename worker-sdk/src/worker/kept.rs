@@ -48,7 +48,7 @@ impl Worker {
     /// ```
     pub async fn keep<T>(&self, name: &str, init: impl FnOnce() -> T) -> Result<Kept<T>, Error>
     where
-        T: Serialize + DeserializeOwned + Send + 'static,
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
         let shared = &self.inner.state;
         let previous = shared
