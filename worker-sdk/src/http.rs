@@ -329,10 +329,10 @@ where
 /// ```no_run
 /// # async fn doc(worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
 /// let hits = worker.keep("hits", || 0u64).await?;
-/// let app = axum::Router::new().route(
+/// let app: axum::Router = axum::Router::new().route(
 ///     "/",
 ///     axum::routing::post(move || async move {
-///         // `?` turns a refused write into the 503.
+///         // A refused write (`Err(Frozen)`) answers the 503.
 ///         hits.update(|n| { *n += 1; n.to_string() })
 ///     }),
 /// );

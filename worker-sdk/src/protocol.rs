@@ -368,7 +368,7 @@ impl ProtocolError {
     /// };
     /// assert_eq!(
     ///     lost.lost_message::<WorkerMessage>(),
-    ///     Some(WorkerMessage::Frozen { bytes: 12 })
+    ///     Some(WorkerMessage::Frozen { bytes: 12, base_bytes: None })
     /// );
     /// assert!(lost.is_transient() && !lost.is_fatal());
     /// assert_eq!(
