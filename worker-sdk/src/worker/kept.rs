@@ -34,7 +34,7 @@ impl Worker {
     ///
     /// A value of the previous generation that does not decode as `T`, or a
     /// snapshot this program cannot read (see
-    /// [`Builder::state_format`]), is **rejected**: the supervisor fails the
+    /// [`Builder::state_format`](crate::Builder::state_format)), is **rejected**: the supervisor fails the
     /// reload before cut-over and this returns the reason. Without baton,
     /// every value starts from `init()`.
     ///
