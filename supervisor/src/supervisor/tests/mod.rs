@@ -9,6 +9,7 @@
 //! `handoff.rs`: what workers say, and kept values.
 
 mod handoff;
+mod pre_copy;
 mod reloads;
 
 use std::collections::HashSet;
