@@ -197,6 +197,13 @@ pub struct RunArgs {
     /// successor fails and the old generation thaws.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     pub freeze_timeout: Duration,
+    /// How long a generation frozen for a hand-over (SDK workers) waits for
+    /// its requests in flight to finish before it writes its kept values;
+    /// a write of a request still running after that is refused (an HTTP
+    /// 503), never acknowledged and lost. At most half of --freeze-timeout
+    /// is used.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    pub freeze_grace: Duration,
     /// Bound every stop: once a stop (SIGTERM, SIGINT, `baton stop`) has
     /// taken this long, every worker left is killed and baton exits 124. Set
     /// it below the grace period of whatever stops baton (Kubernetes'
@@ -290,6 +297,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 group: args.group,
                 max_state: args.max_state,
                 freeze_timeout: args.freeze_timeout,
+                freeze_grace: args.freeze_grace,
                 stop_timeout: args.stop_timeout,
                 metrics: args.metrics,
             })

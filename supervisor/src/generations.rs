@@ -39,6 +39,10 @@ pub struct Generation {
     /// The worker said `hello`: it drains by message, not by signal, and
     /// keeps values a successor asks for.
     pub speaks_protocol: bool,
+    /// Its SDK answers `PreCopy` (said in its `hello`).
+    pub pre_copy: bool,
+    /// It asked for a pre-copy (`Prepare`) and has not had its answer.
+    pub awaits_pre_copy: bool,
     /// Told to freeze for a successor that is not ready yet.
     pub frozen: bool,
     /// It was sent kept values (a snapshot or a checkpoint).
@@ -73,6 +77,8 @@ impl Generation {
             serving_since: None,
             draining_since: None,
             speaks_protocol: false,
+            pre_copy: false,
+            awaits_pre_copy: false,
             frozen: false,
             took_state: false,
             status: None,

@@ -26,6 +26,10 @@ pub struct Snapshot {
     pub bytes: u64,
     /// The generation that wrote it.
     pub generation: u64,
+    /// For the snapshot of a freeze that followed a pre-copy: the
+    /// pre-copy, which holds every value this snapshot does not (this one
+    /// holds only those written since).
+    pub base: Option<Box<Snapshot>>,
 }
 
 impl Snapshot {
@@ -74,7 +78,53 @@ impl Snapshot {
             fd,
             bytes,
             generation,
+            base: None,
         }))
+    }
+
+    /// [`accept`](Self::accept) for a freeze's snapshot: with `base_bytes`,
+    /// the first descriptor holds the values written since a pre-copy and
+    /// the second the pre-copy itself, and both together must fit in
+    /// `max_state`.
+    pub fn accept_chain(
+        generation: u64,
+        bytes: u64,
+        base_bytes: Option<u64>,
+        mut fds: Vec<OwnedFd>,
+        max_state: u64,
+    ) -> Result<Option<Snapshot>, String> {
+        let Some(base_bytes) = base_bytes else {
+            return Snapshot::accept(generation, bytes, fds, max_state);
+        };
+        if fds.len() != 2 {
+            return Err(format!(
+                "a snapshot with a pre-copy came with {} descriptors, not two",
+                fds.len()
+            ));
+        }
+        let total = bytes.saturating_add(base_bytes);
+        if total > max_state {
+            return Err(format!(
+                "its snapshot and pre-copy are {} but --max-state is {}",
+                size(total),
+                size(max_state)
+            ));
+        }
+        let base = fds.pop().map(|fd| vec![fd]).unwrap_or_default();
+        let base = Snapshot::accept(generation, base_bytes, base, max_state)
+            .map_err(|e| format!("pre-copy: {e}"))?
+            .ok_or("a snapshot named an empty pre-copy")?;
+        let top = Snapshot::accept(generation, bytes, fds, max_state)?
+            .ok_or("a snapshot with a pre-copy came without its own memfd")?;
+        Ok(Some(Snapshot {
+            base: Some(Box::new(base)),
+            ..top
+        }))
+    }
+
+    /// The bytes it holds, its pre-copy included.
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes + self.base.as_ref().map_or(0, |b| b.bytes)
     }
 
     /// The descriptor, to pass on with `SCM_RIGHTS` (the kernel duplicates it).

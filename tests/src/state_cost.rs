@@ -2,8 +2,11 @@
 //! in one run (the numbers behind the SDK's choice of sealed memfds):
 //!
 //! - **accept pause under baton**: the `counter` example keeps N bytes of
-//!   ballast; each reload freezes the old generation (it stops accepting),
-//!   passes the snapshot, and the new one parses it and says ready. baton
+//!   ballast and a 1 KiB note; before each reload either the note (1 KiB
+//!   written) or the ballast (everything written) is rewritten. Each reload
+//!   pre-copies every value while the old generation serves, then freezes
+//!   it (it stops accepting), passes what was written since, and the new
+//!   one parses it and says ready. baton
 //!   reports that gap as `last_reload.accept_pause_ms`: the time no
 //!   generation accepted (clients wait in the kernel's queue meanwhile).
 //! - **the transport alone**, in this process: the same N bytes through a
@@ -61,8 +64,11 @@ impl std::fmt::Display for Stats {
 pub struct Row {
     /// The ballast kept, in bytes.
     pub bytes: usize,
-    /// The accept pause of a reload under baton.
+    /// The accept pause of a reload under baton, 1 KiB of the values
+    /// written since the last one.
     pub pause: Stats,
+    /// The same, every value written since the last reload.
+    pub pause_all: Stats,
     /// The memfd transport: write, seal, pass twice, read.
     pub memfd: Stats,
     /// Two stream hops: write, relay, read.
@@ -76,7 +82,10 @@ pub fn measure(sizes: &[usize], rounds: usize) -> Result<Vec<Row>, String> {
     sizes
         .iter()
         .map(|&bytes| {
-            let pause = Stats::of(accept_pauses(bytes, rounds)?).ok_or("no reloads")?;
+            let pause =
+                Stats::of(accept_pauses(bytes, rounds, "/note", false)?).ok_or("no reloads")?;
+            let pause_all =
+                Stats::of(accept_pauses(bytes, rounds, "/ballast", true)?).ok_or("no reloads")?;
             let mut memfd = Vec::new();
             let mut relay = Vec::new();
             let mut copy = Vec::new();
@@ -89,6 +98,7 @@ pub fn measure(sizes: &[usize], rounds: usize) -> Result<Vec<Row>, String> {
             Ok(Row {
                 bytes,
                 pause,
+                pause_all,
                 memfd: Stats::of(memfd).ok_or("no rounds")?,
                 relay: Stats::of(relay).ok_or("no rounds")?,
                 copy: Stats::of(copy).ok_or("no rounds")?,
@@ -100,14 +110,15 @@ pub fn measure(sizes: &[usize], rounds: usize) -> Result<Vec<Row>, String> {
 /// The table, for people.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "kept bytes | accept pause under baton, ms | memfd ×2 hops, ms | stream ×2 hops, ms | plain socket copy, ms\n",
+        "kept bytes | accept pause, 1 KiB written, ms | accept pause, all written, ms | memfd ×2 hops, ms | stream ×2 hops, ms | plain socket copy, ms\n",
     );
-    out.push_str("---: | ---: | ---: | ---: | ---:\n");
+    out.push_str("---: | ---: | ---: | ---: | ---: | ---:\n");
     for r in rows {
         out.push_str(&format!(
-            "{} | {} | {} | {} | {}\n",
+            "{} | {} | {} | {} | {} | {}\n",
             human(r.bytes),
             r.pause,
+            r.pause_all,
             r.memfd,
             r.relay,
             r.copy
@@ -124,20 +135,37 @@ fn human(bytes: usize) -> String {
     }
 }
 
-/// Reloads `counter --ballast bytes` `rounds` times; each reload's accept
-/// pause as baton measured it.
-fn accept_pauses(bytes: usize, rounds: usize) -> Result<Vec<f64>, String> {
+/// Reloads `counter --ballast bytes` `rounds` times, each time after a
+/// `GET write` (`/note`: 1 KiB of the values written; `/ballast`: all of
+/// them), once baton has settled (the previous generation gone); each
+/// reload's accept pause as baton measured it. `all_dirty`: without a
+/// pre-copy, so every value is written and read inside the pause, as when
+/// everything was written between the pre-copy and the freeze.
+fn accept_pauses(
+    bytes: usize,
+    rounds: usize,
+    write: &str,
+    all_dirty: bool,
+) -> Result<Vec<f64>, String> {
     let counter = bin("counter");
     let baton = Baton::builder()
         .args(["--listen", "http=tcp://127.0.0.1:0", "--max-state", "1GiB"])
-        .worker([
-            counter.as_os_str().to_owned(),
-            "--ballast".into(),
-            bytes.to_string().into(),
-        ])
+        .worker(
+            [
+                counter.as_os_str().to_owned(),
+                "--ballast".into(),
+                bytes.to_string().into(),
+            ]
+            .into_iter()
+            .chain(all_dirty.then(|| "--no-pre-copy".into())),
+        )
         .start();
+    let addr = baton.address("http");
     let mut pauses = Vec::new();
     for _ in 0..rounds {
+        baton.wait_settled();
+        crate::http::get_json(&addr, write, crate::http::TIMEOUT)
+            .map_err(|e| format!("writing before a reload: {e}"))?;
         let answer = baton.reload();
         if answer["ok"] != true {
             return Err(format!("reload with {bytes} bytes kept failed: {answer}"));

@@ -34,7 +34,7 @@ use crate::protocol::{
     self, ListenerInfo, ProtocolError, StateSource, SupervisorMessage, WorkerMessage,
     PROTOCOL_VERSION,
 };
-use crate::state::Shared;
+use crate::state::{Purpose, Shared};
 
 /// What the supervisor's welcome gave this worker.
 #[derive(Debug)]
@@ -56,7 +56,7 @@ const RETRY_AFTER: Duration = Duration::from_millis(10);
 struct Outbox {
     /// Messages the socket had no room for, oldest first, each with the
     /// descriptor it carries.
-    queue: VecDeque<(WorkerMessage, Option<OwnedFd>)>,
+    queue: VecDeque<(WorkerMessage, Vec<OwnedFd>)>,
     /// Set once the supervisor's end is gone: later sends fail.
     closed: bool,
 }
@@ -80,10 +80,27 @@ pub(crate) struct StateReply {
     pub(crate) source: StateSource,
     pub(crate) generation: Option<u64>,
     pub(crate) bytes: u64,
-    pub(crate) fd: Option<OwnedFd>,
+    /// The size of the pre-copy attached second, for a snapshot that holds
+    /// only the values written since it.
+    pub(crate) base_bytes: Option<u64>,
+    pub(crate) fds: Vec<OwnedFd>,
     /// Why the memfd sent with it never arrived (this process was out of
     /// descriptors), if it did not.
     pub(crate) lost: Option<String>,
+}
+
+impl StateReply {
+    /// No values (no pre-copy asked for).
+    pub(crate) fn none() -> StateReply {
+        StateReply {
+            source: StateSource::None,
+            generation: None,
+            bytes: 0,
+            base_bytes: None,
+            fds: Vec::new(),
+            lost: None,
+        }
+    }
 }
 
 impl Channel {
@@ -102,6 +119,7 @@ impl Channel {
         let hello = WorkerMessage::Hello {
             protocol: PROTOCOL_VERSION,
             pid: std::process::id(),
+            pre_copy: true,
         };
         self.send_async(&hello).await.map_err(Error::Handshake)?;
         let (message, fds) = self.recv().await.map_err(Error::Handshake)?;
@@ -142,6 +160,15 @@ impl Channel {
         &self,
         message: WorkerMessage,
         fd: Option<OwnedFd>,
+    ) -> Result<(), ProtocolError> {
+        self.send_fds(message, fd.into_iter().collect())
+    }
+
+    /// [`send`](Self::send), with descriptors attached, in order.
+    pub(crate) fn send_fds(
+        &self,
+        message: WorkerMessage,
+        fd: Vec<OwnedFd>,
     ) -> Result<(), ProtocolError> {
         let mut out = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
         if out.closed {
@@ -290,7 +317,14 @@ impl Channel {
                     let timeout = Duration::from_millis(timeout_ms);
                     drain.fire(DrainCause::Supervisor { timeout }, Some(timeout));
                 }
-                SupervisorMessage::Freeze => self.freeze(&state).await,
+                SupervisorMessage::Freeze { grace_ms, delta } => {
+                    let grace = grace_ms.unwrap_or(protocol::DEFAULT_FREEZE_GRACE_MS);
+                    self.freeze(&state, Duration::from_millis(grace), delta)
+                        .await;
+                }
+                SupervisorMessage::PreCopy { for_generation } => {
+                    self.pre_copy(&state, for_generation).await;
+                }
                 SupervisorMessage::Thaw => {
                     state.thaw();
                     tracing::info!("thawed: the next generation failed; serving on");
@@ -299,12 +333,14 @@ impl Channel {
                     source,
                     generation,
                     bytes,
+                    base_bytes,
                 } => {
                     let reply = StateReply {
                         source,
                         generation,
                         bytes,
-                        fd: fds.pop(),
+                        base_bytes,
+                        fds: std::mem::take(&mut fds),
                         lost,
                     };
                     let waiting = self
@@ -328,29 +364,114 @@ impl Channel {
         }
     }
 
-    /// Asks for the previous generation's kept values and waits for them.
-    pub(crate) async fn take_state(&self) -> Result<StateReply, ProtocolError> {
+    /// Asks for the previous generation's kept values (`TakeState`) or a
+    /// pre-copy of them (`Prepare`) and waits for the answer.
+    pub(crate) async fn ask_state(&self, ask: WorkerMessage) -> Result<StateReply, ProtocolError> {
         let (tx, rx) = oneshot::channel();
         *self
             .state_reply
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(tx);
-        self.send(WorkerMessage::TakeState)?;
+        self.send(ask)?;
         rx.await.map_err(|_| ProtocolError::Closed)
+    }
+
+    /// Writes every kept value for generation `to` while this one serves
+    /// on, and sends them (off the async threads: they may be large).
+    async fn pre_copy(&self, state: &Arc<Shared>, to: u64) {
+        let writer = state.clone();
+        let written = tokio::task::spawn_blocking(move || writer.snapshot(Purpose::PreCopy)).await;
+        let sent = match written {
+            Ok(Ok(Some(w))) => {
+                tracing::info!(
+                    "pre-copied {} bytes of kept values for generation {to}",
+                    w.bytes
+                );
+                self.send_with(
+                    WorkerMessage::PreCopied {
+                        bytes: w.bytes,
+                        for_generation: to,
+                    },
+                    Some(w.fd),
+                )
+            }
+            Ok(Ok(None)) => self.send(WorkerMessage::PreCopied {
+                bytes: 0,
+                for_generation: to,
+            }),
+            Ok(Err(e)) => {
+                // The freeze will write everything, or fail the reload.
+                tracing::warn!("pre-copying the kept values: {e}; the freeze sends them all");
+                self.send(WorkerMessage::PreCopied {
+                    bytes: 0,
+                    for_generation: to,
+                })
+            }
+            Err(e) => {
+                tracing::warn!("the pre-copy task failed: {e}; the freeze sends them all");
+                self.send(WorkerMessage::PreCopied {
+                    bytes: 0,
+                    for_generation: to,
+                })
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!("worker channel: sending a pre-copy: {e}");
+        }
     }
 
     /// Freezes the worker and sends its snapshot (serialized off the async
     /// threads: it may be large).
-    async fn freeze(&self, state: &Arc<Shared>) {
+    ///
+    /// The order is what makes the hand-over exact: the accept loops stop
+    /// and their connections stop reading new requests; the work in flight
+    /// (every [`InFlight`](crate::state::InFlight) guard: accept loops still
+    /// accepting, open connections) finishes, for up to `grace`; only then
+    /// are the values written, and a write after that is refused. So every
+    /// write acknowledged before the snapshot is in it.
+    async fn freeze(&self, state: &Arc<Shared>, grace: Duration, delta: bool) {
         state.freeze();
+        if tokio::time::timeout(grace, state.quiet()).await.is_err() {
+            tracing::warn!(
+                "frozen: {} piece(s) of work still in flight after the freeze grace of \
+                 {grace:?}; the snapshot is written now and their writes will be refused",
+                state.busy()
+            );
+        }
         let writer = state.clone();
-        let snapshot = tokio::task::spawn_blocking(move || writer.snapshot(true)).await;
+        let purpose = if delta {
+            Purpose::Freeze
+        } else {
+            Purpose::FreezeWhole
+        };
+        let snapshot = tokio::task::spawn_blocking(move || writer.snapshot(purpose)).await;
         let sent = match snapshot {
-            Ok(Ok(Some((fd, bytes)))) => {
-                tracing::info!("frozen: {bytes} bytes of kept values handed over");
-                self.send_with(WorkerMessage::Frozen { bytes }, Some(fd))
+            Ok(Ok(Some(w))) => {
+                let mut fds = vec![w.fd];
+                let base_bytes = w.base.map(|(fd, bytes)| {
+                    fds.push(fd);
+                    bytes
+                });
+                match base_bytes {
+                    Some(base) => tracing::info!(
+                        "frozen: {} bytes of kept values written since the pre-copy ({base} \
+                         bytes) handed over",
+                        w.bytes
+                    ),
+                    None => tracing::info!("frozen: {} bytes of kept values handed over", w.bytes),
+                }
+                self.send_fds(
+                    WorkerMessage::Frozen {
+                        bytes: w.bytes,
+                        base_bytes,
+                    },
+                    fds,
+                )
             }
-            Ok(Ok(None)) => self.send(WorkerMessage::Frozen { bytes: 0 }),
+            Ok(Ok(None)) => self.send(WorkerMessage::Frozen {
+                bytes: 0,
+                base_bytes: None,
+            }),
             Ok(Err(e)) => {
                 state.thaw();
                 tracing::error!("saving the kept values for the next generation: {e}");
@@ -457,7 +578,7 @@ mod tests {
             .unwrap_or_else(PoisonError::into_inner)
             .queue
             .iter()
-            .filter(|(_, fd)| fd.is_some())
+            .filter(|(_, fds)| !fds.is_empty())
             .count();
         assert_eq!(fds, 1, "only the latest checkpoint's memfd is held");
 

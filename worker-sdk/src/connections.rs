@@ -19,8 +19,12 @@ use std::future::Future;
 use std::io;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+use crate::state::Shared;
 
 /// How long before the supervisor's drain deadline
 /// [`serve_worker_connections`] stops waiting for its connections, aborts
@@ -113,6 +117,9 @@ enum Signal {
     /// Serve on.
     #[default]
     Serving,
+    /// A freeze: end at the next boundary, and read no new request (the
+    /// kept values are about to be handed over); no deadline yet.
+    Freezing,
     /// End at the next boundary; the worker will be killed at `deadline`,
     /// if the supervisor said when.
     Closing { deadline: Option<Instant> },
@@ -127,6 +134,13 @@ impl Drain {
 
     fn signal(&self) -> Signal {
         self.rx.as_ref().map_or(Signal::Serving, |rx| *rx.borrow())
+    }
+
+    /// Whether the connection ends for a freeze (not, or not yet, a
+    /// drain): a request not read yet is left for the next generation.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    pub(crate) fn is_freeze(&self) -> bool {
+        self.signal() == Signal::Freezing
     }
 
     /// Whether the connection should end.
@@ -153,7 +167,7 @@ impl Drain {
     pub fn deadline(&self) -> Option<Instant> {
         match self.signal() {
             Signal::Closing { deadline } => deadline,
-            Signal::Serving => None,
+            Signal::Serving | Signal::Freezing => None,
         }
     }
 }
@@ -183,8 +197,7 @@ impl Cohorts {
 
     /// A freeze: the current cohort closes, a new one begins.
     fn close_current(&mut self) {
-        self.current
-            .send_replace(Signal::Closing { deadline: None });
+        self.current.send_replace(Signal::Freezing);
         self.closed.retain(|cohort| cohort.receiver_count() > 0);
         let next = watch::channel(Signal::Serving).0;
         self.closed.push(std::mem::replace(&mut self.current, next));
@@ -208,6 +221,9 @@ struct Orders<D> {
     frozen: Option<watch::Receiver<bool>>,
     /// The drain's deadline, asked once it has begun.
     deadline: Box<dyn Fn() -> Option<Instant> + Send>,
+    /// For a worker: the kept values, whose freeze waits for this loop to
+    /// pause and for every connection it accepted to end.
+    state: Option<Arc<Shared>>,
 }
 
 /// Serves `listener` until `shutdown` resolves: each accepted connection
@@ -251,6 +267,7 @@ where
         drained: shutdown,
         frozen: None,
         deadline: Box::new(|| None),
+        state: None,
     };
     run(listener, handler, orders).await;
 }
@@ -308,6 +325,7 @@ where
         drained: worker.drained(),
         frozen: Some(worker.frozen_watch()),
         deadline: Box::new(move || deadline_of.drain_deadline()),
+        state: Some(worker.shared_state().clone()),
     };
     run(listener, handler, orders).await;
 }
@@ -323,7 +341,13 @@ where
         drained,
         frozen,
         deadline,
+        state,
     } = orders;
+    // Held while this loop accepts: a freeze waits until the loop has seen
+    // it and paused. Taken before the frozen flag is read, so a freeze that
+    // found no work in flight is always seen here.
+    let hold = || state.as_ref().map(|s| s.in_flight());
+    let mut accepting = hold();
     tokio::pin!(drained);
     // Without a freeze to watch (or once its sender is gone), a receiver
     // whose sender is kept here, which never changes.
@@ -332,8 +356,12 @@ where
     let mut cohorts = Cohorts::new();
     let mut tasks = JoinSet::new();
     'serve: loop {
+        if accepting.is_none() {
+            accepting = hold();
+        }
         if *frozen.borrow_and_update() {
             cohorts.close_current();
+            accepting = None;
             // Paused: wait for a thaw, or the drain that follows a handover.
             loop {
                 tokio::select! {
@@ -368,7 +396,13 @@ where
         };
         match accepted {
             Ok(io) => {
-                tasks.spawn(handler(io, cohorts.drain()));
+                // The connection is work in flight until its handler returns.
+                let busy = hold();
+                let served = handler(io, cohorts.drain());
+                tasks.spawn(async move {
+                    served.await;
+                    drop(busy);
+                });
             }
             Err(e) if is_connection_error(&e) => {}
             Err(e) => {
@@ -383,6 +417,7 @@ where
     }
     let deadline = deadline();
     cohorts.close_all(deadline);
+    drop(accepting);
     drop(listener);
     let give_up = deadline.map(|d| d.checked_sub(DEADLINE_MARGIN).unwrap_or(d));
     let all_done = async {
@@ -497,11 +532,12 @@ mod tests {
         let before = cohorts.drain();
         cohorts.close_current();
         let after = cohorts.drain();
-        assert!(before.is_draining());
+        assert!(before.is_draining() && before.is_freeze());
         assert_eq!(before.deadline(), None);
         assert!(!after.is_draining());
         let at = Instant::now() + Duration::from_secs(5);
         cohorts.close_all(Some(at));
+        assert!(!before.is_freeze());
         assert_eq!(before.deadline(), Some(at));
         assert_eq!(after.deadline(), Some(at));
     }

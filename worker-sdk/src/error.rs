@@ -186,6 +186,11 @@ pub enum Error {
         reason: String,
     },
 
+    /// A write to a kept value was refused: this generation's values were
+    /// already handed to the next one (see [`Kept::update`](crate::Kept::update)).
+    #[error(transparent)]
+    Frozen(#[from] crate::Frozen),
+
     /// The supervisor told this generation to drain while it waited for
     /// the previous generation's kept values (the hand-over failed).
     #[error(

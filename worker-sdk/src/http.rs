@@ -306,7 +306,12 @@ where
         // request in flight now gets that too, and its connection closes after
         // it.
         let at_drain = *seen_rx.borrow_and_update();
-        if at_drain == 0 || !http2.load(Ordering::Relaxed) {
+        // A freeze reads no new request on a connection that has served one:
+        // the kept values are about to be handed over, and a request not read
+        // yet is the next generation's (the client sees its reused idle
+        // connection close and sends it again on a new one).
+        let freeze = drain.is_freeze();
+        if at_drain == 0 || (!freeze && !http2.load(Ordering::Relaxed)) {
             let grace = if at_drain == 0 {
                 FIRST_REQUEST_GRACE
             } else {
@@ -328,6 +333,34 @@ where
     // hyper is done with the stream: close it the lingering way.
     drop(conn);
     claim.close().await;
+}
+
+/// A write refused because this generation's kept values were already
+/// handed over (see [`Kept::update`](crate::Kept::update)) answers its
+/// request with `503 Service Unavailable`, `Retry-After: 0` and
+/// `Connection: close`: the client learns the request did not take effect,
+/// and its next try goes to the next generation, which has the values.
+///
+/// ```no_run
+/// # async fn doc(worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+/// let hits = worker.keep("hits", || 0u64).await?;
+/// let app: axum::Router = axum::Router::new().route(
+///     "/",
+///     axum::routing::post(move || async move {
+///         // A refused write (`Err(Frozen)`) answers the 503.
+///         hits.update(|n| { *n += 1; n.to_string() })
+///     }),
+/// );
+/// # Ok(()) }
+/// ```
+impl axum::response::IntoResponse for crate::Frozen {
+    fn into_response(self) -> axum::response::Response {
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, format!("{self}\n")).into_response();
+        let headers = response.headers_mut();
+        headers.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("0"));
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
 }
 
 fn report(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {

@@ -18,10 +18,14 @@
 //! worker                                   supervisor
 //!   | -- Hello { protocol, pid } ------------> |
 //!   | <----------- Welcome { generation, listeners } + one fd per listener
-//!   | -- TakeState --------------------------> |   (first `keep`: "my predecessor's values")
+//!   | -- Prepare ----------------------------> |   (first `keep`: "a pre-copy, please")
+//!   |                                          | --> PreCopy to the serving generation,
+//!   |                                          | <-- PreCopied + memfd (it serves on)
+//!   | <------- State { PreCopy, .. } + memfd   |   (read while the old one serves)
+//!   | -- TakeState --------------------------> |   ("now the final values")
 //!   |                                          | --> Freeze to the serving generation,
-//!   |                                          | <-- Frozen + snapshot memfd from it
-//!   | <------- State { source, .. } + memfd    |   (the snapshot, a checkpoint, or none)
+//!   |                                          | <-- Frozen + memfd (+ the pre-copy's)
+//!   | <------- State { source, .. } + memfds   |   (the snapshot, a checkpoint, or none)
 //!   | -- Ready ------------------------------> |   (the generation may now serve)
 //!   | -- Status { text } --------------------> |   (any time, shown in `baton status`)
 //!   | -- Checkpoint { bytes } + memfd -------> |   (any time: kept for a crash restart)
@@ -57,6 +61,10 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// The most descriptors one message may carry (the kernel's `SCM_MAX_FD`).
 pub const MAX_FDS: usize = 253;
 
+/// How long a frozen worker waits for its work in flight when the `Freeze`
+/// message does not say (`baton run --freeze-grace`'s default).
+pub const DEFAULT_FREEZE_GRACE_MS: u64 = 2_000;
+
 /// The environment variable naming the worker's end of the channel.
 pub const CHANNEL_FD_ENV: &str = "BATON_CHANNEL_FD";
 
@@ -73,6 +81,9 @@ pub enum WorkerMessage {
         protocol: u32,
         /// The worker's process id, as it sees it.
         pid: u32,
+        /// It answers `PreCopy` (absent from older workers: `false`).
+        #[serde(default)]
+        pre_copy: bool,
     },
     /// The worker can serve: the supervisor may drain the previous generation.
     Ready,
@@ -84,12 +95,31 @@ pub enum WorkerMessage {
     /// Asks for the kept values of the generation before: the supervisor
     /// freezes the serving generation and answers with `State`.
     TakeState,
+    /// Asks for a **pre-copy** of the serving generation's kept values,
+    /// which serves on meanwhile: the supervisor sends it `PreCopy` and
+    /// answers with `State` (source `PreCopy`), or with a `State` of no
+    /// bytes when there is nothing to pre-copy. `TakeState` follows; its
+    /// snapshot then holds only the values written since the pre-copy.
+    Prepare,
+    /// The answer to `PreCopy`: every kept value, in the attached sealed
+    /// memfd (none when `bytes` is 0), written while this generation
+    /// serves on. Values written after it are sent again at the freeze.
+    PreCopied {
+        /// The snapshot's size in bytes.
+        bytes: u64,
+        /// The generation it is for, as `PreCopy` said.
+        for_generation: u64,
+    },
     /// The answer to `Freeze`: this generation stopped accepting and
     /// serialized its kept values into the attached sealed memfd (none when
     /// `bytes` is 0).
     Frozen {
         /// The snapshot's size in bytes.
         bytes: u64,
+        /// With a pre-copy: the snapshot holds only the values written
+        /// since the pre-copy, which is attached second, `base_bytes` long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base_bytes: Option<u64>,
     },
     /// The answer to `Freeze` when the values could not be serialized; the
     /// worker goes on serving and the reload fails.
@@ -130,11 +160,33 @@ pub enum SupervisorMessage {
         /// How long the worker has before it is killed, in milliseconds.
         timeout_ms: u64,
     },
-    /// Stop accepting (in-flight work goes on, keep-alive connections close
-    /// after their current request) and answer with `Frozen` and a snapshot.
-    Freeze,
+    /// Stop accepting and stop reading new requests (keep-alive connections
+    /// close after the request in flight), wait up to `grace_ms` for the
+    /// work in flight to finish, then answer with `Frozen` and a snapshot.
+    /// A write attempted after the snapshot is refused, never acknowledged.
+    Freeze {
+        /// How long the work in flight may take before the snapshot is
+        /// written anyway (its later writes are then refused), in
+        /// milliseconds; absent from an older supervisor, which means
+        /// [`DEFAULT_FREEZE_GRACE_MS`].
+        #[serde(default)]
+        grace_ms: Option<u64>,
+        /// The successor reads a snapshot that holds only the values
+        /// written since this generation's last pre-copy (it said so in its
+        /// `hello`); otherwise the snapshot holds every value.
+        #[serde(default)]
+        delta: bool,
+    },
     /// The successor failed: accept again, with the values as they are.
     Thaw,
+    /// Write every kept value into a sealed memfd and answer with
+    /// `PreCopied`, serving on: generation `for_generation` reads it while
+    /// this one still serves, and the freeze that follows sends only what
+    /// changed since.
+    PreCopy {
+        /// The generation that will read it.
+        for_generation: u64,
+    },
     /// The answer to `TakeState`, with the snapshot's sealed memfd attached
     /// unless `source` is `None`.
     State {
@@ -144,6 +196,10 @@ pub enum SupervisorMessage {
         generation: Option<u64>,
         /// The snapshot's size in bytes.
         bytes: u64,
+        /// The snapshot holds only the values written since a pre-copy,
+        /// which is attached second, `base_bytes` long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base_bytes: Option<u64>,
     },
 }
 
@@ -157,6 +213,9 @@ pub enum StateSource {
     Checkpoint,
     /// Nothing kept: the first start, or no generation ever kept values.
     None,
+    /// The answer to `Prepare`: a pre-copy of the serving generation's
+    /// values, which it serves on with (not final: `TakeState` follows).
+    PreCopy,
 }
 
 /// The seals a snapshot memfd must carry: nobody, writer included, can
@@ -309,7 +368,7 @@ impl ProtocolError {
     /// };
     /// assert_eq!(
     ///     lost.lost_message::<WorkerMessage>(),
-    ///     Some(WorkerMessage::Frozen { bytes: 12 })
+    ///     Some(WorkerMessage::Frozen { bytes: 12, base_bytes: None })
     /// );
     /// assert!(lost.is_transient() && !lost.is_fatal());
     /// assert_eq!(

@@ -135,6 +135,15 @@ fn an_sdk_worker_rejects_kept_values_whose_memfd_was_lost_and_keeps_its_channel(
             listeners: vec![],
         };
         protocol::send(supervisor.as_fd(), &welcome, &[]).expect("welcome");
+        let (ask, _) = protocol::recv::<WorkerMessage>(supervisor.as_fd()).expect("prepare");
+        assert_eq!(ask, WorkerMessage::Prepare);
+        let no_pre_copy = SupervisorMessage::State {
+            source: StateSource::PreCopy,
+            generation: None,
+            bytes: 0,
+            base_bytes: None,
+        };
+        protocol::send(supervisor.as_fd(), &no_pre_copy, &[]).expect("no pre-copy");
         let (ask, _) = protocol::recv::<WorkerMessage>(supervisor.as_fd()).expect("take_state");
         assert_eq!(ask, WorkerMessage::TakeState);
         let memfd = snapshot(doc);
@@ -143,6 +152,7 @@ fn an_sdk_worker_rejects_kept_values_whose_memfd_was_lost_and_keeps_its_channel(
             source: StateSource::Snapshot,
             generation: Some(1),
             bytes: doc.len() as u64,
+            base_bytes: None,
         };
         protocol::send(supervisor.as_fd(), &state, &[memfd.as_fd()]).expect("state");
         // The worker's answer carries no descriptor: it arrives even now.

@@ -4,12 +4,19 @@
 //! Routes (listener `http`):
 //!
 //! - `GET /` increments the count and answers
-//!   `{"count": N, "generation": G, "pid": P, "after_freeze": false}`;
-//!   `after_freeze` is `true` when the increment landed after this
-//!   generation's values were handed to the next one (the SDK reports such
-//!   writes; they do not reach the next generation).
+//!   `{"count": N, "generation": G, "pid": P}`. An increment the SDK
+//!   refuses (this generation's values were already handed to the next
+//!   one) answers `503` with `Retry-After: 0` and `Connection: close`, and
+//!   does not count: every `200` is in the count the next generation starts
+//!   with.
+//! - `GET /slow/MS` waits MS milliseconds, then increments as `GET /` does
+//!   (a request in flight across a hand-over, for tests).
+//! - `GET /note` rewrites `note`, a kept value of 1 KiB, and `GET
+//!   /ballast` rewrites the whole ballast (for benchmarks: what a freeze
+//!   hands over after a pre-copy is what was written since).
 //! - `GET /peek` answers the same without incrementing, plus
-//!   `"checkpointed"`: the count in the last checkpoint.
+//!   `"checkpointed"`: the count in the last checkpoint, and `"slow"`: how
+//!   many `/slow` requests have started.
 //!
 //! It checkpoints at least once a second while the count changes, so a
 //! `kill -9` loses at most a second of increments. `--state-format N`
@@ -21,6 +28,9 @@
 //! ready: the wrong order, which baton's `--freeze-timeout` guards against.
 //! `--keep-delay MS` initialises that long before taking the count: the
 //! right order, while the previous generation still serves.
+//! `--no-pre-copy` takes every value at the freeze, inside the accept pause
+//! (for benchmarks: what a hand-over costs when everything was written
+//! since the pre-copy).
 //!
 //! ```sh
 //! baton run --listen http=tcp://127.0.0.1:8080 -- target/debug/counter
@@ -34,10 +44,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use baton_worker::{Kept, Worker};
+use baton_worker::{Frozen, Kept, Worker};
 use serde_json::{json, Value};
 
 /// How often the count is checkpointed when it changed.
@@ -49,6 +59,9 @@ struct App {
     generation: u64,
     pid: u32,
     checkpointed: Arc<AtomicU64>,
+    slow: Arc<AtomicU64>,
+    note: Kept<String>,
+    ballast: Kept<String>,
 }
 
 #[tokio::main]
@@ -67,9 +80,9 @@ async fn main() -> ExitCode {
 }
 
 /// `--state-format N`, `--ballast BYTES`, `--ready-delay MS`,
-/// `--keep-delay MS`.
+/// `--keep-delay MS`; `--no-pre-copy` is read by `run`.
 fn options() -> Result<(u32, usize, u64, u64), String> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).filter(|a| a != "--no-pre-copy");
     let (mut format, mut ballast, mut delay, mut keep_delay) = (1, 0, 0, 0);
     while let Some(arg) = args.next() {
         let mut number = |flag: &str| -> Result<u64, String> {
@@ -105,6 +118,7 @@ async fn run() -> Result<(), String> {
     let worker = Worker::builder()
         .default_listener("http", "tcp://127.0.0.1:3000")
         .state_format(format)
+        .pre_copy(!std::env::args().any(|a| a == "--no-pre-copy"))
         .start()
         .await
         .map_err(|e| e.to_string())?;
@@ -122,14 +136,21 @@ async fn run() -> Result<(), String> {
         .keep("ballast", || "x".repeat(ballast))
         .await
         .map_err(|e| e.to_string())?;
+    let note = worker
+        .keep("note", || "a".repeat(1024))
+        .await
+        .map_err(|e| e.to_string())?;
     if filler.read(String::len) != ballast {
-        filler.set("x".repeat(ballast));
+        filler.set("x".repeat(ballast)).map_err(|e| e.to_string())?;
     }
     let app = App {
         count: count.clone(),
         generation: worker.generation(),
         pid: std::process::id(),
         checkpointed: Arc::new(AtomicU64::new(count.get())),
+        slow: Arc::new(AtomicU64::new(0)),
+        note,
+        ballast: filler,
     };
     let checkpointer = worker.clone();
     let checkpointed = app.checkpointed.clone();
@@ -150,6 +171,9 @@ async fn run() -> Result<(), String> {
     );
     let router = Router::new()
         .route("/", get(increment))
+        .route("/slow/{ms}", get(slow))
+        .route("/note", get(rewrite_note))
+        .route("/ballast", get(rewrite_ballast))
         .route("/peek", get(peek))
         .with_state(app);
     tokio::select! {
@@ -159,37 +183,49 @@ async fn run() -> Result<(), String> {
     }
     worker.ready().map_err(|e| e.to_string())?;
     baton_worker::http::serve_worker(&worker, listener, router).await;
-    if worker.writes_after_freeze() > 0 {
+    if worker.writes_refused() > 0 {
         tracing::warn!(
-            "{} increments landed after the freeze and did not reach the next generation",
-            worker.writes_after_freeze()
+            "{} increments were refused (answered 503): they came after the hand-over",
+            worker.writes_refused()
         );
     }
     Ok(())
 }
 
-async fn increment(State(app): State<App>) -> Json<Value> {
-    let (count, after_freeze) = match app.count.try_update(|n| {
+async fn increment(State(app): State<App>) -> Result<Json<Value>, Frozen> {
+    let count = app.count.update(|n| {
         *n += 1;
         *n
-    }) {
-        Ok(count) => (count, false),
-        // Frozen: the count here goes on (this generation still answers),
-        // but the SDK counts and reports this write as not carried over.
-        Err(_) => (
-            app.count.update(|n| {
-                *n += 1;
-                *n
-            }),
-            true,
-        ),
-    };
-    Json(json!({
+    })?;
+    Ok(Json(json!({
         "count": count,
         "generation": app.generation,
         "pid": app.pid,
-        "after_freeze": after_freeze,
-    }))
+    })))
+}
+
+async fn slow(State(app): State<App>, Path(ms): Path<u64>) -> Result<Json<Value>, Frozen> {
+    app.slow.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    increment(State(app)).await
+}
+
+/// Rewrites `value` whole with the other of two letters.
+fn rewrite(value: &Kept<String>) -> Result<Json<Value>, Frozen> {
+    let bytes = value.update(|s| {
+        let next = if s.starts_with('a') { "b" } else { "a" };
+        *s = next.repeat(s.len());
+        s.len()
+    })?;
+    Ok(Json(json!({ "rewrote": value.name(), "bytes": bytes })))
+}
+
+async fn rewrite_note(State(app): State<App>) -> Result<Json<Value>, Frozen> {
+    rewrite(&app.note)
+}
+
+async fn rewrite_ballast(State(app): State<App>) -> Result<Json<Value>, Frozen> {
+    rewrite(&app.ballast)
 }
 
 async fn peek(State(app): State<App>) -> Json<Value> {
@@ -198,5 +234,6 @@ async fn peek(State(app): State<App>) -> Json<Value> {
         "generation": app.generation,
         "pid": app.pid,
         "checkpointed": app.checkpointed.load(Ordering::SeqCst),
+        "slow": app.slow.load(Ordering::SeqCst),
     }))
 }

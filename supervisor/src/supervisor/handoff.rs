@@ -4,7 +4,11 @@
 //! (`TakeState`), the serving generation is told to freeze; its snapshot
 //! (a sealed memfd, checked by `state.rs`, never read) goes to the new
 //! generation, which serves once ready; if it fails instead, the old one
-//! thaws. Without a live predecessor the last checkpoint is sent. A
+//! thaws. Without a live predecessor the last checkpoint is sent. Before
+//! that, a successor may ask for a **pre-copy** (`Prepare`): the serving
+//! generation writes every value while it serves on, the successor reads
+//! them, and the freeze's snapshot then holds only the values written
+//! since; the two travel on together. A
 //! successor never starts from values older than a living serving
 //! generation holds: if they cannot be had, the reload fails with why.
 
@@ -54,7 +58,14 @@ impl<H: Host> Supervisor<H> {
             self.send_state(number, StateSource::Checkpoint);
             return;
         };
-        match self.host.send(from, &SupervisorMessage::Freeze, &[]) {
+        // The grace must leave the successor time to get ready before the
+        // freeze times out.
+        let grace = self.config.freeze_grace.min(self.config.freeze_timeout / 2);
+        let freeze = SupervisorMessage::Freeze {
+            grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+            delta: self.generations.get(number).is_some_and(|g| g.pre_copy),
+        };
+        match self.host.send(from, &freeze, &[]) {
             Ok(()) => {
                 if let Some(g) = self.generations.get_mut(from) {
                     g.frozen = true;
@@ -87,6 +98,120 @@ impl<H: Host> Supervisor<H> {
         }
     }
 
+    /// The serving generation a starting generation `number` takes its
+    /// kept values from, if it is the in-flight reload's and one serves.
+    fn predecessor_of(&self, number: u64) -> Option<u64> {
+        let starting = self
+            .reloads
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.generation == number && matches!(f.step, Step::Starting))
+            && self.is(number, Phase::Starting);
+        if !starting {
+            return None;
+        }
+        self.generations
+            .iter()
+            .filter(|g| g.is(Phase::Serving) && g.speaks_protocol && !g.frozen)
+            .map(|g| g.number)
+            .max()
+    }
+
+    /// A new generation asks for a pre-copy of its predecessor's values:
+    /// ask the serving generation, which serves on, or answer that there is
+    /// none (then its `TakeState` is answered as without a pre-copy).
+    pub(super) fn on_prepare(&mut self, number: u64) {
+        let from = self
+            .predecessor_of(number)
+            .filter(|from| self.generations.get(*from).is_some_and(|g| g.pre_copy));
+        if let Some(from) = from {
+            let ask = SupervisorMessage::PreCopy {
+                for_generation: number,
+            };
+            match self.host.send(from, &ask, &[]) {
+                Ok(()) => {
+                    tracing::debug!("generation {from} pre-copies its kept values for {number}");
+                    if let Some(g) = self.generations.get_mut(number) {
+                        g.awaits_pre_copy = true;
+                    }
+                    return;
+                }
+                Err(e) => tracing::warn!("asking generation {from} for a pre-copy: {e}"),
+            }
+        }
+        self.send_no_pre_copy(number);
+    }
+
+    /// A serving generation is gone: whoever waits for its pre-copy goes
+    /// on without one.
+    pub(super) fn pre_copies_lost(&mut self) {
+        let waiting: Vec<u64> = self
+            .generations
+            .iter()
+            .filter(|g| g.awaits_pre_copy)
+            .map(|g| g.number)
+            .collect();
+        for number in waiting {
+            self.send_no_pre_copy(number);
+        }
+    }
+
+    /// Tells `number` there is no pre-copy: it goes on with `TakeState`.
+    fn send_no_pre_copy(&mut self, number: u64) {
+        match self.generations.get_mut(number) {
+            Some(g) => g.awaits_pre_copy = false,
+            None => return,
+        }
+        let none = SupervisorMessage::State {
+            source: StateSource::PreCopy,
+            generation: None,
+            bytes: 0,
+            base_bytes: None,
+        };
+        if let Err(e) = self.host.send(number, &none, &[]) {
+            self.protocol_error(number, format!("answering its pre-copy request: {e}"));
+        }
+    }
+
+    /// The serving generation's pre-copy: checked and passed on, not kept
+    /// (the freeze's snapshot, which names it, is).
+    pub(super) fn on_pre_copied(
+        &mut self,
+        number: u64,
+        to: u64,
+        bytes: u64,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) {
+        if self.predecessor_of(to) != Some(number) {
+            tracing::debug!(
+                "generation {number} sent a pre-copy for {to}, which no longer needs it"
+            );
+            return;
+        }
+        let snapshot = match Snapshot::accept(number, bytes, fds, self.config.max_state) {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => return self.send_no_pre_copy(to),
+            Err(reason) => {
+                // The freeze's snapshot will hold everything, and meet the
+                // same check there, with the reload's failure if it must.
+                tracing::warn!("generation {number}'s pre-copy: {reason}; going on without it");
+                return self.send_no_pre_copy(to);
+            }
+        };
+        let state = SupervisorMessage::State {
+            source: StateSource::PreCopy,
+            generation: Some(number),
+            bytes,
+            base_bytes: None,
+        };
+        if let Some(g) = self.generations.get_mut(to) {
+            g.awaits_pre_copy = false;
+        }
+        if let Err(e) = self.host.send(to, &state, &[snapshot.fd()]) {
+            self.protocol_error(to, format!("sending its pre-copy: {e}"));
+        }
+    }
+
     /// The successor of `from`, while `from` is frozen for it and has not
     /// sent its snapshot.
     fn awaiting_snapshot_of(&self, from: u64) -> Option<u64> {
@@ -98,17 +223,31 @@ impl<H: Host> Supervisor<H> {
     }
 
     /// The frozen generation's snapshot: check it, keep it, pass it on.
-    pub(super) fn on_frozen(&mut self, number: u64, bytes: u64, fds: Vec<std::os::fd::OwnedFd>) {
+    pub(super) fn on_frozen(
+        &mut self,
+        number: u64,
+        bytes: u64,
+        base_bytes: Option<u64>,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) {
         let Some(to) = self.awaiting_snapshot_of(number) else {
             tracing::warn!("generation {number} sent a snapshot nobody asked for; ignored");
             return;
         };
-        match Snapshot::accept(number, bytes, fds, self.config.max_state) {
+        match Snapshot::accept_chain(number, bytes, base_bytes, fds, self.config.max_state) {
             Ok(snapshot) => {
-                tracing::info!(
-                    "generation {number} froze; {} of kept values go to generation {to}",
-                    state::size(bytes)
-                );
+                match base_bytes {
+                    Some(base) => tracing::info!(
+                        "generation {number} froze; {} of kept values written since its \
+                         pre-copy ({}) go to generation {to}",
+                        state::size(bytes),
+                        state::size(base)
+                    ),
+                    None => tracing::info!(
+                        "generation {number} froze; {} of kept values go to generation {to}",
+                        state::size(bytes)
+                    ),
+                }
                 self.set_kept(snapshot);
                 let mut ready = false;
                 if let Some(f) = self.reloads.in_flight.as_mut() {
@@ -228,9 +367,14 @@ impl<H: Host> Supervisor<H> {
         }
     }
 
-    /// Holds `snapshot` as the latest kept values, in systemd's store too.
+    /// Holds `snapshot` as the latest kept values, in systemd's store too
+    /// unless it needs its pre-copy (the store holds one descriptor: it
+    /// keeps the last whole one until the successor's first checkpoint,
+    /// which the SDK sends once it is ready).
     fn set_kept(&mut self, snapshot: Option<Snapshot>) {
-        self.host.store_kept(snapshot.as_ref().map(Snapshot::fd));
+        if snapshot.as_ref().is_none_or(|s| s.base.is_none()) {
+            self.host.store_kept(snapshot.as_ref().map(Snapshot::fd));
+        }
         self.kept = snapshot;
     }
 
@@ -245,14 +389,18 @@ impl<H: Host> Supervisor<H> {
                     source,
                     generation: Some(k.generation),
                     bytes: k.bytes,
+                    base_bytes: k.base.as_ref().map(|b| b.bytes),
                 },
-                vec![k.fd()],
+                std::iter::once(k.fd())
+                    .chain(k.base.as_ref().map(|b| b.fd()))
+                    .collect(),
             ),
             None => (
                 SupervisorMessage::State {
                     source: StateSource::None,
                     generation: None,
                     bytes: 0,
+                    base_bytes: None,
                 },
                 Vec::new(),
             ),

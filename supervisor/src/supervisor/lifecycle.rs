@@ -139,6 +139,10 @@ impl<H: Host> Supervisor<H> {
                 self.on_ready(to, "ready, after its kept values arrived");
             }
         }
+        if g.phase == Phase::Serving {
+            // It may have owed a successor a pre-copy.
+            self.pre_copies_lost();
+        }
         // Whatever the worker left in its process group goes with it.
         self.host.kill(pid);
         match g.phase {

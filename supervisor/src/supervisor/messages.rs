@@ -50,7 +50,9 @@ impl<H: Host> Supervisor<H> {
         if let Ok(m) = &message {
             let carries_fds = matches!(
                 m,
-                WorkerMessage::Frozen { .. } | WorkerMessage::Checkpoint { .. }
+                WorkerMessage::Frozen { .. }
+                    | WorkerMessage::Checkpoint { .. }
+                    | WorkerMessage::PreCopied { .. }
             );
             if !carries_fds && !fds.is_empty() {
                 self.protocol_error(number, format!("sent descriptors with {m:?}"));
@@ -58,7 +60,11 @@ impl<H: Host> Supervisor<H> {
             }
         }
         match message {
-            Ok(WorkerMessage::Hello { protocol, pid }) => {
+            Ok(WorkerMessage::Hello {
+                protocol,
+                pid,
+                pre_copy,
+            }) => {
                 if g.speaks_protocol {
                     // A second welcome would hand it every listener again.
                     self.protocol_error(number, "said hello twice".into());
@@ -73,6 +79,7 @@ impl<H: Host> Supervisor<H> {
                     return;
                 }
                 g.speaks_protocol = true;
+                g.pre_copy = pre_copy;
                 tracing::debug!("generation {number} (pid {pid}) speaks the worker protocol");
                 if let Err(e) = self.host.welcome(number) {
                     self.protocol_error(number, format!("sending its listeners: {e}"));
@@ -81,7 +88,14 @@ impl<H: Host> Supervisor<H> {
             Ok(WorkerMessage::Ready) => self.on_ready(number, "ready()"),
             Ok(WorkerMessage::Status { text }) => g.status = Some(text),
             Ok(WorkerMessage::TakeState) => self.on_take_state(number),
-            Ok(WorkerMessage::Frozen { bytes }) => self.on_frozen(number, bytes, fds),
+            Ok(WorkerMessage::Prepare) => self.on_prepare(number),
+            Ok(WorkerMessage::PreCopied {
+                bytes,
+                for_generation,
+            }) => self.on_pre_copied(number, for_generation, bytes, fds),
+            Ok(WorkerMessage::Frozen { bytes, base_bytes }) => {
+                self.on_frozen(number, bytes, base_bytes, fds)
+            }
             Ok(WorkerMessage::FreezeFailed { reason }) => self.on_freeze_failed(number, reason),
             Ok(WorkerMessage::Rejected { reason }) => self.on_rejected(number, reason),
             Ok(WorkerMessage::Checkpoint { bytes }) => self.on_checkpoint(number, bytes, fds),

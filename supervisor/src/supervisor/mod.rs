@@ -92,6 +92,9 @@ pub struct Config {
     /// `--freeze-timeout`: how long a generation may stay frozen for a
     /// successor that is not ready yet (nobody accepts meanwhile).
     pub freeze_timeout: Duration,
+    /// `--freeze-grace`: how long a frozen generation waits for its
+    /// requests in flight before it writes its snapshot.
+    pub freeze_grace: Duration,
     /// `--stop-timeout`: how long a whole stop may take before every worker
     /// left is killed.
     pub stop_timeout: Option<Duration>,

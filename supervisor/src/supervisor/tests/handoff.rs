@@ -71,7 +71,7 @@ fn malformed_data_fails_a_starting_generation_and_is_ignored_from_a_serving_one(
     assert!(rig
         .sent_to(1)
         .iter()
-        .any(|m| matches!(m, SupervisorMessage::Freeze)));
+        .any(|m| matches!(m, SupervisorMessage::Freeze { .. })));
 }
 
 #[test]
@@ -105,7 +105,7 @@ fn frozen() -> (Rig, oneshot::Receiver<Reply>) {
     assert!(rig
         .sent_to(1)
         .iter()
-        .any(|m| matches!(m, SupervisorMessage::Freeze)));
+        .any(|m| matches!(m, SupervisorMessage::Freeze { .. })));
     assert_eq!(rig.step(), Some(Step::AwaitingSnapshot));
     assert!(rig.status().generations[0].frozen);
     (rig, answer)
@@ -121,13 +121,21 @@ fn ready_before_the_snapshot_arrived_waits_for_it() {
         Some(Phase::Serving),
         "drained before handing over"
     );
-    rig.say_with(1, WorkerMessage::Frozen { bytes: 64 }, vec![snapshot(64)]);
+    rig.say_with(
+        1,
+        WorkerMessage::Frozen {
+            bytes: 64,
+            base_bytes: None,
+        },
+        vec![snapshot(64)],
+    );
     // The snapshot went on, and only then did 2 serve and 1 drain.
     assert!(rig.sent_to(2).iter().any(|m| matches!(
         m,
         SupervisorMessage::State {
             source: StateSource::Snapshot,
             bytes: 64,
+            base_bytes: None,
             ..
         }
     )));
@@ -142,7 +150,14 @@ fn ready_before_the_snapshot_arrived_waits_for_it() {
 #[test]
 fn the_steps_of_a_hand_over_show_in_status() {
     let (mut rig, mut answer) = frozen();
-    rig.say_with(1, WorkerMessage::Frozen { bytes: 8 }, vec![snapshot(8)]);
+    rig.say_with(
+        1,
+        WorkerMessage::Frozen {
+            bytes: 8,
+            base_bytes: None,
+        },
+        vec![snapshot(8)],
+    );
     assert_eq!(rig.step(), Some(Step::StartingWithState));
     // An abandoned `keep` asks again: the snapshot is sent again.
     rig.say(2, WorkerMessage::TakeState);
@@ -169,7 +184,7 @@ fn a_repeated_take_state_while_the_snapshot_is_awaited_sends_nothing_older() {
     let freezes = rig
         .sent_to(1)
         .iter()
-        .filter(|m| matches!(m, SupervisorMessage::Freeze))
+        .filter(|m| matches!(m, SupervisorMessage::Freeze { .. }))
         .count();
     assert_eq!(freezes, 1);
 }
@@ -187,7 +202,14 @@ fn a_successor_that_fails_or_rejects_thaws_the_frozen_generation() {
         match fail {
             "exit" => rig.exit(2, Exit::Code(1)),
             "reject" => {
-                rig.say_with(1, WorkerMessage::Frozen { bytes: 8 }, vec![snapshot(8)]);
+                rig.say_with(
+                    1,
+                    WorkerMessage::Frozen {
+                        bytes: 8,
+                        base_bytes: None,
+                    },
+                    vec![snapshot(8)],
+                );
                 rig.say(
                     2,
                     WorkerMessage::Rejected {
@@ -203,7 +225,14 @@ fn a_successor_that_fails_or_rejects_thaws_the_frozen_generation() {
                 },
             ),
             // Claims 100 bytes, the memfd has 8.
-            _ => rig.say_with(1, WorkerMessage::Frozen { bytes: 100 }, vec![snapshot(8)]),
+            _ => rig.say_with(
+                1,
+                WorkerMessage::Frozen {
+                    bytes: 100,
+                    base_bytes: None,
+                },
+                vec![snapshot(8)],
+            ),
         }
         let result = outcome(&mut answer);
         assert!(!result.ok, "{fail}");
@@ -252,6 +281,7 @@ fn a_frozen_generation_that_dies_gives_its_successor_the_last_checkpoint() {
         SupervisorMessage::State {
             source: StateSource::Checkpoint,
             bytes: 16,
+            base_bytes: None,
             ..
         }
     )));
@@ -330,7 +360,10 @@ fn a_snapshot_baton_could_not_receive_fails_the_reload_and_a_lost_checkpoint_is_
     );
     rig.sv.handle(Event::Channel {
         generation: 1,
-        message: Err(lost(WorkerMessage::Frozen { bytes: 8 })),
+        message: Err(lost(WorkerMessage::Frozen {
+            bytes: 8,
+            base_bytes: None,
+        })),
         fds: Vec::new(),
     });
     let error = outcome(&mut answer).error.unwrap_or_default();
@@ -359,6 +392,7 @@ fn a_crash_restart_takes_the_last_checkpoint() {
         SupervisorMessage::State {
             source: StateSource::Checkpoint,
             bytes: 32,
+            base_bytes: None,
             ..
         }
     )));
@@ -381,7 +415,14 @@ fn a_spawn_that_fails_fails_its_reload_and_the_old_generation_serves() {
 #[test]
 fn every_new_snapshot_or_checkpoint_goes_to_systemds_store() {
     let (mut rig, _answer) = frozen();
-    rig.say_with(1, WorkerMessage::Frozen { bytes: 8 }, vec![snapshot(8)]);
+    rig.say_with(
+        1,
+        WorkerMessage::Frozen {
+            bytes: 8,
+            base_bytes: None,
+        },
+        vec![snapshot(8)],
+    );
     rig.say(2, WorkerMessage::Ready);
     rig.hello(2);
     rig.say_with(2, WorkerMessage::Checkpoint { bytes: 9 }, vec![snapshot(9)]);
@@ -389,6 +430,12 @@ fn every_new_snapshot_or_checkpoint_goes_to_systemds_store() {
     rig.reload();
     rig.hello(3);
     rig.say(3, WorkerMessage::TakeState);
-    rig.say(2, WorkerMessage::Frozen { bytes: 0 });
+    rig.say(
+        2,
+        WorkerMessage::Frozen {
+            bytes: 0,
+            base_bytes: None,
+        },
+    );
     assert_eq!(rig.host().stored_kept, [true, true, false]);
 }

@@ -10,6 +10,7 @@
 //! of baton itself, and the table's round trip through the hand-over state.
 
 mod handoff;
+mod pre_copy;
 mod reloads;
 mod upgrade;
 
@@ -177,6 +178,7 @@ pub(super) fn config() -> Config {
         group: None,
         max_state: 1 << 20,
         freeze_timeout: Duration::from_secs(10),
+        freeze_grace: Duration::from_secs(2),
         stop_timeout: None,
         metrics: None,
     }
@@ -245,6 +247,7 @@ impl Rig {
             WorkerMessage::Hello {
                 protocol: PROTOCOL_VERSION,
                 pid,
+                pre_copy: true,
             },
         );
     }
