@@ -334,6 +334,8 @@ impl<H: Host> Supervisor<H> {
                 speaks_protocol: g.speaks_protocol,
                 frozen: g.frozen,
                 took_state: g.took_state,
+                pre_copy: g.pre_copy,
+                awaits_pre_copy: g.awaits_pre_copy,
                 status: g.status.clone(),
                 timers: g
                     .timers
@@ -348,11 +350,7 @@ impl<H: Host> Supervisor<H> {
         Table {
             next_generation: self.next_generation,
             generations,
-            kept: self.kept.as_ref().map(|k| CarriedKept {
-                generation: k.generation,
-                bytes: k.bytes,
-                fd: k.fd().as_raw_fd(),
-            }),
+            kept: self.kept.as_ref().map(carried_kept),
             reloads: self.reloads.counts,
             last_reload: self.reloads.last.clone(),
             ever_served: self.reloads.ever_served,
@@ -396,6 +394,8 @@ impl<H: Host> Supervisor<H> {
             g.speaks_protocol = c.speaks_protocol;
             g.frozen = c.frozen;
             g.took_state = c.took_state;
+            g.pre_copy = c.pre_copy;
+            g.awaits_pre_copy = c.awaits_pre_copy;
             g.status = c.status.clone();
             self.generations.insert(g);
             for t in &c.timers {
@@ -446,5 +446,16 @@ impl<H: Host> Supervisor<H> {
         self.handle(Event::Child);
         self.start_queued();
         self.publish();
+    }
+}
+
+/// The kept values as they cross: each memfd by number, a pre-copy's base
+/// with it.
+fn carried_kept(snapshot: &Snapshot) -> CarriedKept {
+    CarriedKept {
+        generation: snapshot.generation,
+        bytes: snapshot.bytes,
+        fd: snapshot.fd().as_raw_fd(),
+        base: snapshot.base.as_deref().map(carried_kept).map(Box::new),
     }
 }

@@ -10,7 +10,7 @@
 
 use std::os::fd::OwnedFd;
 
-use super::state::{Handover, STATE_FD_ENV};
+use super::state::{CarriedKept, Handover, STATE_FD_ENV};
 use crate::control::ControlSocket;
 use crate::listener::{self, Activated, ListenSource, ListenSpec};
 use crate::state::Snapshot;
@@ -102,11 +102,23 @@ pub fn workers(state: &Handover) -> Vec<(u64, WorkerFds)> {
 
 /// The kept values, checked again as any snapshot is.
 pub fn kept(state: &Handover, max_state: u64) -> Result<Option<Snapshot>, Error> {
-    let Some(k) = state.table.kept else {
-        return Ok(None);
-    };
-    let fd = own(k.fd, "the kept values")?;
-    Snapshot::accept(k.generation, k.bytes, vec![fd], max_state)
+    state
+        .table
+        .kept
+        .as_ref()
+        .map(|k| snapshot(k, max_state))
+        .transpose()
+        .map(Option::flatten)
+}
+
+/// One carried snapshot, with its pre-copy if it has one.
+fn snapshot(k: &CarriedKept, max_state: u64) -> Result<Option<Snapshot>, Error> {
+    let mut fds = vec![own(k.fd, "the kept values")?];
+    if let Some(base) = &k.base {
+        fds.push(own(base.fd, "the kept values' pre-copy")?);
+    }
+    let base_bytes = k.base.as_ref().map(|b| b.bytes);
+    Snapshot::accept_chain(k.generation, k.bytes, base_bytes, fds, max_state)
         .map_err(|e| fail(format!("the kept values: {e}")))
 }
 

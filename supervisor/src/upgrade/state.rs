@@ -28,7 +28,10 @@ use crate::event::Timer;
 use crate::metrics::Metrics;
 
 /// The hand-over format this baton writes, and the newest it reads.
-pub const STATE_VERSION: u32 = 1;
+/// Version 2: the kept values may be a pair, a pre-copy and the values
+/// written since (`CarriedKept::base`), which a version-1 baton would take
+/// for whole values.
+pub const STATE_VERSION: u32 = 2;
 /// The environment variable that gives the new supervisor its state's fd.
 pub const STATE_FD_ENV: &str = "BATON_UPGRADE_STATE_FD";
 /// The largest state read (a table of a few thousand generations fits).
@@ -104,6 +107,12 @@ pub struct CarriedGeneration {
     pub frozen: bool,
     /// It was sent kept values.
     pub took_state: bool,
+    /// It is writing a pre-copy of its kept values for a successor.
+    #[serde(default)]
+    pub pre_copy: bool,
+    /// It asked for its predecessor's pre-copy and waits for it.
+    #[serde(default)]
+    pub awaits_pre_copy: bool,
     /// The last `STATUS=` it reported.
     pub status: Option<String>,
     /// Its pending deadlines, each with the time it had left.
@@ -120,7 +129,7 @@ pub struct CarriedTimer {
 }
 
 /// The kept values baton holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CarriedKept {
     /// The generation that wrote them.
     pub generation: u64,
@@ -128,6 +137,19 @@ pub struct CarriedKept {
     pub bytes: u64,
     /// The sealed memfd's descriptor.
     pub fd: RawFd,
+    /// For the snapshot of a freeze that followed a pre-copy: the pre-copy,
+    /// holding every value this one does not (version 2).
+    #[serde(default)]
+    pub base: Option<Box<CarriedKept>>,
+}
+
+impl CarriedKept {
+    /// Its descriptors: its own, then its base's.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.fd];
+        fds.extend(self.base.iter().flat_map(|b| b.fds()));
+        fds
+    }
 }
 
 /// The upgrade in progress.
@@ -198,7 +220,7 @@ impl Handover {
         }
         fds.extend([h.control.listener, h.control.dir, h.control.lock]);
         fds.extend(h.metrics);
-        fds.extend(self.table.kept.map(|k| k.fd));
+        fds.extend(self.table.kept.iter().flat_map(CarriedKept::fds));
         fds.extend(&self.table.upgrade.clients);
         fds
     }

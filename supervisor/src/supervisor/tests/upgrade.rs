@@ -13,7 +13,9 @@ use crate::event::{Event, Exit, Timer};
 use crate::generations::Phase;
 use crate::state::Snapshot;
 use crate::supervisor::Supervisor;
-use crate::upgrade::state::{Handover, HostFds, STATE_VERSION};
+use std::os::fd::IntoRawFd;
+
+use crate::upgrade::state::{CarriedKept, Handover, HostFds, STATE_VERSION};
 
 fn upgrade(rig: &mut Rig, binary: &str, wait: bool) {
     let client = wait.then(OwnedFdOf::pipe);
@@ -205,6 +207,25 @@ fn the_table_survives_the_hand_over_state_with_its_deadlines() {
     let older = Handover::parse(&older.to_string()).expect("an older state reads");
     assert!(!older.table.reload_queued && older.table.upgrades.ok == 0);
     let mut state = Handover::parse(&json).expect("reads");
+    // Kept values that are a pair (a pre-copy and the values written
+    // since) cross as two memfds and come back as one snapshot.
+    let (top, base) = (snapshot(12).into_raw_fd(), snapshot(40).into_raw_fd());
+    state.table.kept = Some(CarriedKept {
+        generation: 2,
+        bytes: 12,
+        fd: top,
+        base: Some(Box::new(CarriedKept {
+            generation: 2,
+            bytes: 40,
+            fd: base,
+            base: None,
+        })),
+    });
+    assert!(state.fds().contains(&top) && state.fds().contains(&base));
+    let pair = crate::upgrade::adopt::kept(&state, 1 << 20)
+        .expect("a pair crosses")
+        .expect("kept values");
+    assert_eq!((pair.bytes, pair.total_bytes()), (12, 52));
     state.table.kept = None;
 
     let mut new = Supervisor::new(config(), Fake::default());
