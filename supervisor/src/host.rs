@@ -31,6 +31,7 @@ use crate::exec_report::ExecReport;
 use crate::listener::Listener;
 use crate::notify::{self, Systemd};
 use crate::spawn::{Launcher, SocketFile};
+use crate::steer::Steer;
 
 /// A pending deadline, to cancel it.
 pub type TimerId = u64;
@@ -78,6 +79,14 @@ pub trait Host {
     fn store_kept(&mut self, snapshot: Option<BorrowedFd<'_>>);
     /// The listeners, for `status`.
     fn listeners(&self) -> Vec<ListenerStatus>;
+    /// `--steer`: new connections go to generation `number`'s sockets from
+    /// now on (`steer.rs`).
+    fn steer_to(&mut self, _number: u64) {}
+    /// `--steer`: whether connections wait in generation `number`'s own
+    /// accept queues, not accepted yet.
+    fn steered_queue(&self, _number: u64) -> bool {
+        false
+    }
 }
 
 /// One generation's operating-system side.
@@ -103,6 +112,9 @@ pub struct OsHost {
     build_output: HashMap<u64, AbortHandle>,
     timers: HashMap<TimerId, AbortHandle>,
     next_timer: TimerId,
+    /// `--steer`: each TCP listener's second socket, and each living
+    /// generation's side (`None`: every generation shares the listeners).
+    steer: Option<Steer>,
 }
 
 impl OsHost {
@@ -124,16 +136,42 @@ impl OsHost {
             build_output: HashMap::new(),
             timers: HashMap::new(),
             next_timer: 0,
+            steer: None,
+        }
+    }
+
+    /// Steers new connections between generations (`--steer`).
+    pub fn with_steer(mut self, steer: Option<Steer>) -> OsHost {
+        self.steer = steer;
+        self
+    }
+
+    /// Generation `number`'s descriptors of the listeners, in order.
+    fn listener_fds(&self, number: u64) -> Vec<BorrowedFd<'_>> {
+        match &self.steer {
+            Some(steer) => steer.fds(number, &self.listeners),
+            None => self.listeners.iter().map(|l| l.fd.as_fd()).collect(),
         }
     }
 }
 
 impl Host for OsHost {
     fn spawn_worker(&mut self, number: u64) -> Result<Pid, String> {
-        let spawned = self
-            .launcher
-            .worker(number, &self.listeners)
-            .map_err(|e| format!("{e:#}"))?;
+        if let Some(steer) = &mut self.steer {
+            steer.assign(number)?;
+        }
+        let fds = self.listener_fds(number);
+        let spawned = self.launcher.worker(number, &self.listeners, &fds);
+        drop(fds);
+        let spawned = match spawned {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                if let Some(steer) = &mut self.steer {
+                    steer.forget(number, &self.listeners);
+                }
+                return Err(format!("{e:#}"));
+            }
+        };
         let channel = match crate::sys::async_fd(spawned.channel) {
             Ok(fd) => Arc::new(fd),
             Err(e) => {
@@ -191,6 +229,9 @@ impl Host for OsHost {
                 task.abort();
             }
         }
+        if let Some(steer) = &mut self.steer {
+            steer.forget(number, &self.listeners);
+        }
     }
 
     fn abandon_build_output(&mut self, number: u64) {
@@ -216,7 +257,7 @@ impl Host for OsHost {
             listeners: self.listeners.iter().map(Listener::info).collect(),
         };
         let worker = self.workers.get(&number).ok_or(ProtocolError::Closed)?;
-        let fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let fds = self.listener_fds(number);
         protocol::send(worker.channel.get_ref().as_fd(), &welcome, &fds)
     }
 
@@ -284,6 +325,18 @@ impl Host for OsHost {
                 address: l.bound.to_string(),
             })
             .collect()
+    }
+
+    fn steer_to(&mut self, number: u64) {
+        if let Some(steer) = &mut self.steer {
+            steer.steer_to(number);
+        }
+    }
+
+    fn steered_queue(&self, number: u64) -> bool {
+        self.steer
+            .as_ref()
+            .is_some_and(|s| s.queued(number, &self.listeners))
     }
 }
 

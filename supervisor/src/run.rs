@@ -21,6 +21,7 @@ use crate::listener::{Activated, Listener};
 use crate::notify::Systemd;
 use crate::spawn::{Launcher, RunAs};
 use crate::state::Snapshot;
+use crate::steer::Steer;
 use crate::supervisor::{Config, Outcome, Supervisor};
 use crate::watch;
 use crate::Error;
@@ -36,6 +37,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let systemd = Systemd::from_env();
     let mut activated = Activated::from_env();
     let listeners = bind_listeners(&config, &mut activated)?;
+    let steer = match config.steer_grace {
+        Some(_) => Some(Steer::new(&listeners, &mut activated)?),
+        None => None,
+    };
     let kept = adopt_kept(&mut activated, config.max_state);
     let unused = activated.unused();
     if !unused.is_empty() {
@@ -111,7 +116,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!("control socket {}", control.path().display());
 
     let metrics = config.metrics;
-    let host = OsHost::new(launcher, listeners, tx, systemd);
+    let host = OsHost::new(launcher, listeners, tx, systemd).with_steer(steer);
     let mut supervisor = Supervisor::new(config, host);
     supervisor.adopt_kept(kept);
     if let Some(addr) = metrics {
@@ -150,7 +155,7 @@ fn bind_listeners(config: &Config, activated: &mut Activated) -> Result<Vec<List
     config
         .listeners
         .iter()
-        .map(|spec| Listener::bind(spec, activated))
+        .map(|spec| Listener::bind(spec, activated, config.steer_grace.is_some()))
         .collect()
 }
 

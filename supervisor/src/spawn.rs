@@ -344,8 +344,15 @@ impl Launcher {
         self.run_dir.path()
     }
 
-    /// Starts generation `generation` of the worker on `listeners`.
-    pub fn worker(&self, generation: u64, listeners: &[Listener]) -> Result<Spawned, Error> {
+    /// Starts generation `generation` of the worker on `listeners`, whose
+    /// sockets it gets as `fds` (the same order; under `--steer` a TCP
+    /// listener's may be its second socket).
+    pub fn worker(
+        &self,
+        generation: u64,
+        listeners: &[Listener],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Spawned, Error> {
         let candidates = self.command.candidates()?;
         let io = |what: &str, source: std::io::Error| Error::Io {
             context: format!("starting generation {generation}: {what}"),
@@ -391,7 +398,7 @@ impl Launcher {
         )
         .map_err(|e| io("configuring its channel", e.into()))?;
 
-        let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let mut fds: Vec<BorrowedFd<'_>> = fds.to_vec();
         let channel_fd = 3 + fds.len();
         fds.push(theirs.as_fd());
 

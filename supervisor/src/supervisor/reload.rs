@@ -100,6 +100,9 @@ pub(super) struct Reloads {
     pub counts: api::ReloadCounts,
     /// The first generation has served.
     pub ever_served: bool,
+    /// `--steer`: replaced generations that get no new connections and
+    /// have not been told to drain yet, with when they were steered away.
+    pub graced: std::collections::BTreeMap<u64, Instant>,
 }
 
 impl Reloads {
@@ -144,6 +147,19 @@ impl<H: Host> Supervisor<H> {
                 "reload waits: {draining} old generations are still draining \
                  (at most {} at once)",
                 self.config.max_draining
+            );
+            return;
+        }
+        let alive = self.generations.numbers();
+        if self.config.steer_grace.is_some() && alive.len() >= 2 {
+            tracing::info!(
+                "reload waits: --steer gives each listener two sockets, and generations {} \
+                 use them until one exits",
+                alive
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" and ")
             );
             return;
         }
@@ -332,7 +348,7 @@ impl<H: Host> Supervisor<H> {
         if restart && self.generations.serving().is_some() {
             // A reload served first: this restart is not needed.
             self.reloads.restart.starting = None;
-            self.begin_drain(number, "a reload replaced the crashed worker first");
+            self.retire(number, "a reload replaced the crashed worker first");
             return;
         }
         let Some(g) = self.generations.get_mut(number) else {
@@ -345,9 +361,12 @@ impl<H: Host> Supervisor<H> {
         for timer in timers {
             self.host.cancel(timer);
         }
+        if self.config.steer_grace.is_some() {
+            self.host.steer_to(number);
+        }
         for old in self.generations.numbers_in(Phase::Serving) {
             if old != number {
-                self.begin_drain(old, "replaced");
+                self.retire(old, "replaced");
             }
         }
         if restart {
@@ -356,7 +375,7 @@ impl<H: Host> Supervisor<H> {
         }
         if let Some((r, _)) = self.reloads.restart.starting.take() {
             // A crash restart still starting beside this reload.
-            self.begin_drain(r, &format!("generation {number} serves first"));
+            self.retire(r, &format!("generation {number} serves first"));
         }
         let pause = self
             .reloads

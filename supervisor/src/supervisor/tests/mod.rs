@@ -148,6 +148,7 @@ pub(super) fn config() -> Config {
         max_state: 1 << 20,
         freeze_timeout: Duration::from_secs(10),
         stop_timeout: None,
+        steer_grace: None,
         metrics: None,
     }
 }

@@ -1,0 +1,84 @@
+//! `--steer` in the loop: a replaced generation gets no new connections for
+//! `--steer-grace`, then its drain signal.
+//!
+//! When a generation is ready, the host steers new connections to its
+//! sockets (`steer.rs` at the crate root) and every generation it replaces
+//! is *retired*: it is draining from then on (it serves no new
+//! connections), but is told so only once the grace has passed and its own
+//! accept queue is empty, so that it has read every connection it
+//! accepted by the time its own shutdown begins. Without `--steer` a
+//! retired generation is told at once. This room never signals a
+//! generation except through `send_drain`.
+
+use std::time::{Duration, Instant};
+
+use super::Supervisor;
+use crate::event::Timer;
+use crate::generations::Phase;
+use crate::host::Host;
+
+/// How often a retired generation's accept queue is looked at again once
+/// the grace has passed and connections still wait in it.
+const QUEUE_RECHECK: Duration = Duration::from_millis(20);
+
+impl<H: Host> Supervisor<H> {
+    /// Generation `number` is replaced: under `--steer` it drains after the
+    /// grace, else now.
+    pub(super) fn retire(&mut self, number: u64, why: &str) {
+        let Some(grace) = self.config.steer_grace else {
+            self.begin_drain(number, why);
+            return;
+        };
+        let Some(g) = self.generations.get_mut(number) else {
+            return;
+        };
+        if g.phase == Phase::Draining {
+            return;
+        }
+        g.phase = Phase::Draining;
+        g.draining_since = Some(Instant::now());
+        let pid = g.pid;
+        tracing::info!(
+            "generation {number} (pid {pid}) gets no new connections ({why}); it is told to \
+             drain in {}",
+            humantime::format_duration(grace)
+        );
+        let generations = &self.generations;
+        self.reloads
+            .graced
+            .retain(|n, _| generations.get(*n).is_some());
+        self.reloads.graced.insert(number, Instant::now());
+        self.arm(number, grace, Timer::SteerGrace);
+    }
+
+    /// The grace of retired generation `number` has passed: it is told to
+    /// drain once it has accepted what waits in its own queue (bounded by
+    /// `--drain-timeout`).
+    pub(super) fn on_steer_grace(&mut self, number: u64) {
+        let Some(since) = self.reloads.graced.get(&number).copied() else {
+            return;
+        };
+        let waited = since.elapsed();
+        let limit = self.config.drain_timeout + self.config.steer_grace.unwrap_or_default();
+        if self.host.steered_queue(number) && waited < limit {
+            self.arm(number, QUEUE_RECHECK, Timer::SteerGrace);
+            return;
+        }
+        self.reloads.graced.remove(&number);
+        let why = format!(
+            "no new connections for {}",
+            humantime::format_duration(Duration::from_millis(waited.as_millis() as u64))
+        );
+        self.send_drain(number, &why);
+    }
+
+    /// Tells every retired generation still in its grace to drain now.
+    pub(super) fn end_steer_graces(&mut self, why: &str) {
+        let graced = std::mem::take(&mut self.reloads.graced);
+        for number in graced.into_keys() {
+            if self.generations.get(number).is_some() {
+                self.send_drain(number, why);
+            }
+        }
+    }
+}
