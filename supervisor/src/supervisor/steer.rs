@@ -17,10 +17,6 @@ use crate::event::Timer;
 use crate::generations::Phase;
 use crate::host::Host;
 
-/// How often a retired generation's accept queue is looked at again once
-/// the grace has passed and connections still wait in it.
-const QUEUE_RECHECK: Duration = Duration::from_millis(20);
-
 impl<H: Host> Supervisor<H> {
     /// Generation `number` is replaced: under `--steer` it drains after the
     /// grace, else now.
@@ -52,16 +48,20 @@ impl<H: Host> Supervisor<H> {
     }
 
     /// The grace of retired generation `number` has passed: it is told to
-    /// drain once it has accepted what waits in its own queue (bounded by
-    /// `--drain-timeout`).
+    /// drain if its own accept queue is empty; else it gets another grace
+    /// (for at most `--drain-timeout` in all), so that it had a whole grace
+    /// to read the last connection it accepted.
     pub(super) fn on_steer_grace(&mut self, number: u64) {
         let Some(since) = self.reloads.graced.get(&number).copied() else {
             return;
         };
         let waited = since.elapsed();
-        let limit = self.config.drain_timeout + self.config.steer_grace.unwrap_or_default();
+        let grace = self.config.steer_grace.unwrap_or_default();
+        let limit = self.config.drain_timeout + grace;
         if self.host.steered_queue(number) && waited < limit {
-            self.arm(number, QUEUE_RECHECK, Timer::SteerGrace);
+            // It has not accepted everything yet: once it has, it gets a
+            // whole grace again to read what it accepted.
+            self.arm(number, grace, Timer::SteerGrace);
             return;
         }
         self.reloads.graced.remove(&number);
