@@ -261,6 +261,10 @@ fn twin(l: &Listener, activated: &mut Activated) -> Result<OwnedFd, Error> {
                 l.name
             )));
         }
+        tracing::info!(
+            "--steer: listener `{}`: its second socket is the one systemd passed under that name",
+            l.name
+        );
         return Ok(socket.into());
     }
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
@@ -275,7 +279,13 @@ fn twin(l: &Listener, activated: &mut Activated) -> Result<OwnedFd, Error> {
         socket.listen(BACKLOG)
     };
     match setup() {
-        Ok(()) => Ok(socket.into()),
+        Ok(()) => {
+            tracing::info!(
+                "--steer: listener `{}`: bound its second socket on {addr}",
+                l.name
+            );
+            Ok(socket.into())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(err(format!(
             "binding its second socket: {e}: a SO_REUSEPORT group takes only sockets created \
              by one uid, so run baton as the user that created the first socket (systemd: \

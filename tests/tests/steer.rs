@@ -56,17 +56,94 @@ fn stock_axum_serve_reloads_fifty_times_under_steer_with_nothing_lost() {
     fifty_reloads_lose_nothing(Server::AxumServe);
 }
 
-#[test]
-fn steer_refuses_a_listener_it_cannot_pair() {
-    // Something else holds the port without SO_REUSEPORT: the second
-    // socket cannot join, and baton says why instead of starting.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
-    let addr = taken.local_addr().expect("address");
-    let _ = addr;
-    let mut baton = Baton::builder()
-        .args(["--listen", "http=unix:x.sock", "--steer"])
+/// Plays systemd's socket activation: binds `N` TCP sockets on one
+/// 127.0.0.1 port (with `SO_REUSEPORT` if asked, as `ReusePort=yes` does),
+/// places them at fds 3.. named `web`, sets `LISTEN_*` for its own pid and
+/// execs the rest of its arguments (baton) in the same process.
+const ACTIVATE: &str = r#"
+import os, socket, sys
+n, reuse = int(sys.argv[1]), sys.argv[2] == "reuseport"
+port, socks = 0, []
+for _ in range(n):
+    s = socket.socket()
+    if reuse:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(128)
+    port = s.getsockname()[1]
+    socks.append(s)
+high = [os.dup(s.fileno()) + 100 for s in socks]
+for s, h in zip(socks, high):
+    os.dup2(s.fileno(), h)
+for i, h in enumerate(high):
+    os.dup2(h, 3 + i, inheritable=True)
+os.environ.update(LISTEN_FDS=str(n), LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=":".join(["web"] * n))
+os.execvp(sys.argv[3], sys.argv[3:])
+"#;
+
+/// baton under [`ACTIVATE`] with `n` sockets, `--steer`, a Python worker.
+fn activated(n: usize, reuse: &str) -> Baton {
+    let builder = Baton::builder();
+    let script = builder.dir().join("activate.py");
+    std::fs::write(&script, ACTIVATE).expect("writing the activation script");
+    builder
+        .wrap([
+            "python3".into(),
+            script.into_os_string(),
+            n.to_string().into(),
+            reuse.into(),
+        ])
+        .args(["--listen", "web=systemd", "--steer", "--steer-grace", "100ms"])
         .pyworker("")
-        .spawn();
+        .spawn()
+}
+
+#[test]
+fn steer_refuses_a_systemd_socket_without_reuse_port() {
+    let mut baton = activated(1, "plain");
     let status = baton.wait_exit(std::time::Duration::from_secs(30));
-    let _ = status;
+    assert_eq!(status.code(), Some(1), "{}", baton.log());
+    let log = baton.log();
+    assert!(
+        log.contains("--steer: listener `web`") && log.contains("set ReusePort=yes"),
+        "{log}"
+    );
+}
+
+/// Socket activation with `ReusePort=yes`: baton binds the second socket
+/// itself (it runs as the socket's uid), or takes a second one systemd
+/// passed under the same name; reloads under load lose nothing either way.
+fn activated_steer_reloads(n: usize, says: &str) {
+    let mut baton = activated(n, "reuseport");
+    baton.wait_serving(1);
+    baton.wait_log(says);
+    let address = baton.address("web");
+    let address = address.trim_end_matches(" (from systemd)");
+    let addr = address.parse().expect("a TCP address");
+    let load = harness::Load::start(baton_tests::load::LoadConfig {
+        concurrency: 6,
+        keep_alive_fraction: 0.5,
+        ..baton_tests::load::LoadConfig::new(baton_tests::load::Target::Tcp(addr))
+    });
+    load.wait_ok(30);
+    for generation in 2..=6 {
+        assert_eq!(baton.reload_ok(), generation);
+        load.wait_ok(20);
+    }
+    let report = load.finish();
+    eprintln!("{report}");
+    report.assert_no_failures();
+    // Generations alternated between the two sockets and all served.
+    assert!(report.generations.len() >= 4, "{report}");
+    baton.wait_settled();
+}
+
+#[test]
+fn steer_pairs_a_socket_activated_listener_with_one_it_binds() {
+    activated_steer_reloads(1, "listener `web`: bound its second socket");
+}
+
+#[test]
+fn steer_takes_a_second_socket_systemd_passed_under_the_same_name() {
+    activated_steer_reloads(2, "its second socket is the one systemd passed");
 }

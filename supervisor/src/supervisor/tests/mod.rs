@@ -6,10 +6,12 @@
 //! the events the real host would.
 //!
 //! `reloads.rs`: starting, reloading, building, crash restarts, stopping;
-//! `handoff.rs`: what workers say, and kept values.
+//! `handoff.rs`: what workers say, and kept values; `steer.rs`: `--steer`'s
+//! grace before the drain signal.
 
 mod handoff;
 mod reloads;
+mod steer;
 
 use std::collections::HashSet;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -51,6 +53,10 @@ pub(super) struct Fake {
     pub(super) systemd: Vec<String>,
     /// What went to systemd's store: a snapshot (`true`) or its removal.
     pub(super) stored_kept: Vec<bool>,
+    /// `--steer`: the generations new connections were steered to, in order.
+    pub(super) steered: Vec<u64>,
+    /// `--steer`: generations with connections waiting in their queue.
+    pub(super) queued: HashSet<u64>,
 }
 
 impl Host for Fake {
@@ -124,6 +130,12 @@ impl Host for Fake {
     }
     fn listeners(&self) -> Vec<ListenerStatus> {
         Vec::new()
+    }
+    fn steer_to(&mut self, number: u64) {
+        self.steered.push(number);
+    }
+    fn steered_queue(&self, number: u64) -> bool {
+        self.queued.contains(&number)
     }
 }
 
