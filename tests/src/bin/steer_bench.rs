@@ -44,7 +44,7 @@ fn row(server: Server, mode: &str, storm: &Storm) -> String {
         storm.reloads.len(),
         c.ok,
         c.retried,
-        storm.report.failed(),
+        storm.report.counts.failed(),
         ms(quantile(&storm.reloads, 0.5)),
         ms(quantile(&storm.reloads, 1.0)),
     )
@@ -75,7 +75,7 @@ fn data_path(steer: bool, secs: u64) -> String {
         ok as f64 / elapsed.as_secs_f64(),
         format_args!("{:.2}", quantile(latencies, 0.5).as_secs_f64() * 1000.0),
         format_args!("{:.2}", quantile(latencies, 0.99).as_secs_f64() * 1000.0),
-        report.failed(),
+        report.counts.failed(),
     )
 }
 
