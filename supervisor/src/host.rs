@@ -160,9 +160,10 @@ impl Host for OsHost {
         if let Some(steer) = &mut self.steer {
             steer.assign(number)?;
         }
-        let fds = self.listener_fds(number);
-        let spawned = self.launcher.worker(number, &self.listeners, &fds);
-        drop(fds);
+        let names = self.listeners.iter().map(|l| l.name.as_str());
+        let named: Vec<_> = names.zip(self.listener_fds(number)).collect();
+        let spawned = self.launcher.worker(number, &named);
+        drop(named);
         let spawned = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {

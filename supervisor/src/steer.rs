@@ -142,10 +142,12 @@ impl Steer {
         listeners
             .iter()
             .enumerate()
-            .map(|(i, l)| match (side, self.twins.iter().find(|t| t.listener == i)) {
-                (Side::B, Some(t)) => t.fd.as_fd(),
-                _ => l.fd.as_fd(),
-            })
+            .map(
+                |(i, l)| match (side, self.twins.iter().find(|t| t.listener == i)) {
+                    (Side::B, Some(t)) => t.fd.as_fd(),
+                    _ => l.fd.as_fd(),
+                },
+            )
             .collect()
     }
 
@@ -236,7 +238,10 @@ fn twin(l: &Listener, activated: &mut Activated) -> Result<OwnedFd, Error> {
     let own = SockRef::from(&l.fd);
     let err = |what: String| Error::Steer(format!("listener `{}` ({}): {what}", l.name, l.bound));
     let io = |what: &str, e: std::io::Error| err(format!("{what}: {e}"));
-    if !own.reuse_port().map_err(|e| io("reading SO_REUSEPORT", e))? {
+    if !own
+        .reuse_port()
+        .map_err(|e| io("reading SO_REUSEPORT", e))?
+    {
         return Err(err(if l.bound_by_baton() {
             "it was not bound with SO_REUSEPORT".into()
         } else {

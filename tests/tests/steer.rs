@@ -93,7 +93,13 @@ fn activated(n: usize, reuse: &str) -> Baton {
             n.to_string().into(),
             reuse.into(),
         ])
-        .args(["--listen", "web=systemd", "--steer", "--steer-grace", "100ms"])
+        .args([
+            "--listen",
+            "web=systemd",
+            "--steer",
+            "--steer-grace",
+            "100ms",
+        ])
         .pyworker("")
         .spawn()
 }

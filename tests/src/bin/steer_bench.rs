@@ -84,11 +84,16 @@ fn main() -> ExitCode {
     let grace = arg("--grace").unwrap_or_else(|| "250ms".into());
     let secs: u64 = arg("--seconds").and_then(|r| r.parse().ok()).unwrap_or(5);
     println!("reload storms: {reloads} reloads each, --steer-grace {grace}\n");
-    println!("| server | --steer | reloads | ok | retried | failed | reload p50 ms | reload max ms |");
+    println!(
+        "| server | --steer | reloads | ok | retried | failed | reload p50 ms | reload max ms |"
+    );
     println!("| --- | --- | --: | --: | --: | --: | --: | --: |");
     for server in Server::ALL {
         if let Err(missing) = server.program() {
-            println!("| {} | skipped: {missing} missing | | | | | | |", server.name());
+            println!(
+                "| {} | skipped: {missing} missing | | | | | | |",
+                server.name()
+            );
             continue;
         }
         for (mode, g) in [("off", None), ("on", Some(grace.as_str()))] {

@@ -32,8 +32,18 @@ fn a_replaced_generation_gets_its_drain_signal_only_after_the_grace() {
     rig.fire_timer(1, Timer::SteerGrace);
     assert!(rig.drained_by_signal(1));
     // Its kill deadline runs from the signal.
-    assert!(rig.host().timers.iter().any(|(_, d, e)| *d == Duration::from_secs(30)
-        && matches!(e, crate::event::Event::Timer { generation: 1, timer: Timer::DrainTimeout })));
+    assert!(rig
+        .host()
+        .timers
+        .iter()
+        .any(|(_, d, e)| *d == Duration::from_secs(30)
+            && matches!(
+                e,
+                crate::event::Event::Timer {
+                    generation: 1,
+                    timer: Timer::DrainTimeout
+                }
+            )));
 }
 
 #[test]
@@ -43,7 +53,10 @@ fn connections_still_queued_for_it_earn_another_grace() {
     rig.ready(2);
     rig.host().queued.insert(1);
     rig.fire_timer(1, Timer::SteerGrace);
-    assert!(!rig.drained_by_signal(1), "signalled with its queue not empty");
+    assert!(
+        !rig.drained_by_signal(1),
+        "signalled with its queue not empty"
+    );
     rig.host().queued.clear();
     rig.fire_timer(1, Timer::SteerGrace);
     assert!(rig.drained_by_signal(1));
