@@ -94,7 +94,7 @@ async def app(scope, receive, send):
 
 /// How long Puma and uvicorn (which never notify) are given to start:
 /// `--ready after:` this.
-pub const READY_AFTER: &str = "after:400ms";
+pub const READY_AFTER: &str = "after:300ms";
 
 /// `server` under baton on a port-0 TCP listener `http`, with
 /// `--steer --steer-grace grace` if `grace` is given.

@@ -12,7 +12,7 @@ use baton_tests::lossy::{self, Server};
 
 /// The grace the tests use: long enough for an old generation to read what
 /// it accepted, short enough for a storm of 50 reloads.
-const GRACE: &str = "250ms";
+const GRACE: &str = "200ms";
 
 fn fifty_reloads_lose_nothing(server: Server) {
     let program = server.program();

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! cargo build --release --workspace
-//! cargo run --release -p baton-tests --bin steer-bench [-- --reloads 50 --grace 250ms]
+//! cargo run --release -p baton-tests --bin steer-bench [-- --reloads 50 --grace 200ms]
 //! ```
 //!
 //! A server whose program is missing is skipped with a line saying so.
@@ -81,7 +81,7 @@ fn data_path(steer: bool, secs: u64) -> String {
 
 fn main() -> ExitCode {
     let reloads: u64 = arg("--reloads").and_then(|r| r.parse().ok()).unwrap_or(50);
-    let grace = arg("--grace").unwrap_or_else(|| "250ms".into());
+    let grace = arg("--grace").unwrap_or_else(|| "200ms".into());
     let secs: u64 = arg("--seconds").and_then(|r| r.parse().ok()).unwrap_or(5);
     println!("reload storms: {reloads} reloads each, --steer-grace {grace}\n");
     println!(
