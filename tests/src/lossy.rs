@@ -148,12 +148,13 @@ pub struct Storm {
     pub reloads: Vec<Duration>,
 }
 
-/// Reloads `baton` `reloads` times under a load of fresh and kept-alive
-/// connections, letting some requests through between reloads.
-pub fn storm(baton: &Baton, reloads: u64) -> Storm {
+/// Reloads `baton` `reloads` times under a load of 8 clients, a fraction
+/// `keep_alive` of whose requests go on kept-alive connections (the rest
+/// each on a fresh one), letting some requests through between reloads.
+pub fn storm(baton: &Baton, reloads: u64, keep_alive: f64) -> Storm {
     let load = Load::http(baton, "http", |c| {
         c.concurrency = 8;
-        c.keep_alive_fraction = 0.5;
+        c.keep_alive_fraction = keep_alive;
     });
     load.wait_ok(50);
     let mut times = Vec::new();

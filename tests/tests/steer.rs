@@ -4,6 +4,7 @@
 //! lose nothing, because a replaced generation gets no new connections for
 //! `--steer-grace` before its drain signal. Without `--steer` each of them
 //! fails requests in the same storm: `steer-bench` shows both side by side.
+//! Puma keeps one failure `--steer` cannot reach (see its ignored test).
 //! Puma and uvicorn come from `.ci/run` (Debian's `puma`, uvicorn in
 //! `target/ci-venv`); missing under `CI=true`, the test fails.
 
@@ -14,7 +15,7 @@ use baton_tests::lossy::{self, Server};
 /// it accepted, short enough for a storm of 50 reloads.
 const GRACE: &str = "200ms";
 
-fn fifty_reloads_lose_nothing(server: Server) {
+fn fifty_reloads_lose_nothing(server: Server, keep_alive: f64) {
     let program = server.program();
     if !harness::prerequisite(
         program.as_ref().err().map_or("", String::as_str),
@@ -23,7 +24,7 @@ fn fifty_reloads_lose_nothing(server: Server) {
         return;
     }
     let baton = lossy::start(server, Some(GRACE)).expect("starting the server");
-    let storm = lossy::storm(&baton, 50);
+    let storm = lossy::storm(&baton, 50, keep_alive);
     let slowest = storm.reloads.iter().max().copied().unwrap_or_default();
     eprintln!(
         "{}: {} reloads, slowest {slowest:?}\n{}",
@@ -41,19 +42,34 @@ fn fifty_reloads_lose_nothing(server: Server) {
     baton.wait_settled();
 }
 
+/// Half of the requests on kept-alive connections, half on fresh ones.
+const MIXED: f64 = 0.5;
+
 #[test]
+#[ignore = "Puma 5.6 answers a request on a kept-alive connection with 500 now and then \
+            as its own shutdown begins (it logs `Read: IOError: stream closed in another \
+            thread`): about 5 per 50 reloads, on connections established before the steer, \
+            which no steering of new connections can reach; fresh connections lose nothing \
+            (the next test)"]
 fn puma_reloads_fifty_times_under_steer_with_nothing_lost() {
-    fifty_reloads_lose_nothing(Server::Puma);
+    fifty_reloads_lose_nothing(Server::Puma, MIXED);
+}
+
+#[test]
+fn puma_reloads_fifty_times_under_steer_with_no_fresh_connection_lost() {
+    // Every request on a fresh connection: what Puma loses without
+    // --steer (connections it accepted but had not read) is all there is.
+    fifty_reloads_lose_nothing(Server::Puma, 0.0);
 }
 
 #[test]
 fn uvicorn_reloads_fifty_times_under_steer_with_nothing_lost() {
-    fifty_reloads_lose_nothing(Server::Uvicorn);
+    fifty_reloads_lose_nothing(Server::Uvicorn, MIXED);
 }
 
 #[test]
 fn stock_axum_serve_reloads_fifty_times_under_steer_with_nothing_lost() {
-    fifty_reloads_lose_nothing(Server::AxumServe);
+    fifty_reloads_lose_nothing(Server::AxumServe, MIXED);
 }
 
 /// Plays systemd's socket activation: binds `N` TCP sockets on one

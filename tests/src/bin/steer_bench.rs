@@ -1,6 +1,8 @@
 //! `steer-bench`: `--steer` (issue 16) measured. Puma, uvicorn and stock
-//! `axum::serve` reloaded under counted load, with the mode off and on side
-//! by side (failed requests counted, reload time); then the data path cost
+//! `axum::serve` reloaded under counted load (half the requests on
+//! kept-alive connections; Puma also with fresh connections only), with the
+//! mode off and on side by side (failed requests counted, reload time);
+//! then the data path cost
 //! of steering: the same fresh-connection load on `listenfd-axum` with and
 //! without `--steer`, no reloads.
 //!
@@ -36,10 +38,10 @@ fn quantile(times: &[Duration], q: f64) -> Duration {
     sorted.get(i).copied().unwrap_or_default()
 }
 
-fn row(server: Server, mode: &str, storm: &Storm) -> String {
+fn row(server: Server, load: &str, mode: &str, storm: &Storm) -> String {
     let c = &storm.report.counts;
     format!(
-        "| {} | {mode} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {load} | {mode} | {} | {} | {} | {} | {} | {} |",
         server.name(),
         storm.reloads.len(),
         c.ok,
@@ -96,18 +98,26 @@ fn main() -> ExitCode {
             );
             continue;
         }
-        for (mode, g) in [("off", None), ("on", Some(grace.as_str()))] {
-            let baton = match lossy::start(server, g) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("steer-bench: {}: {e}", server.name());
-                    return ExitCode::FAILURE;
+        // Puma also with fresh connections only: its failures on kept-alive
+        // connections are its own shutdown's, which steering cannot reach.
+        let loads: &[(f64, &str)] = match server {
+            Server::Puma => &[(0.5, "mixed"), (0.0, "fresh")],
+            _ => &[(0.5, "mixed")],
+        };
+        for &(keep_alive, load) in loads {
+            for (mode, g) in [("off", None), ("on", Some(grace.as_str()))] {
+                let baton = match lossy::start(server, g) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("steer-bench: {}: {e}", server.name());
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let storm = lossy::storm(&baton, reloads, keep_alive);
+                println!("{}", row(server, load, mode, &storm));
+                for f in storm.report.failures.iter().take(3) {
+                    eprintln!("  {} {load} {mode}: {f}", server.name());
                 }
-            };
-            let storm = lossy::storm(&baton, reloads);
-            println!("{}", row(server, mode, &storm));
-            for f in storm.report.failures.iter().take(3) {
-                eprintln!("  {} {mode}: {f:?}", server.name());
             }
         }
     }
