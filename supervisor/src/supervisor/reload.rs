@@ -101,8 +101,8 @@ pub(super) struct Reloads {
     /// The first generation has served.
     pub ever_served: bool,
     /// `--steer`: replaced generations that get no new connections and
-    /// have not been told to drain yet, with when they were steered away.
-    pub graced: std::collections::BTreeMap<u64, Instant>,
+    /// have not been told to drain yet: when, and why they were replaced.
+    pub graced: std::collections::BTreeMap<u64, (Instant, String)>,
 }
 
 impl Reloads {

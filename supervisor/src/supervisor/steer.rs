@@ -43,7 +43,9 @@ impl<H: Host> Supervisor<H> {
         self.reloads
             .graced
             .retain(|n, _| generations.get(*n).is_some());
-        self.reloads.graced.insert(number, Instant::now());
+        self.reloads
+            .graced
+            .insert(number, (Instant::now(), why.to_owned()));
         self.arm(number, grace, Timer::SteerGrace);
     }
 
@@ -52,10 +54,9 @@ impl<H: Host> Supervisor<H> {
     /// (for at most `--drain-timeout` in all), so that it had a whole grace
     /// to read the last connection it accepted.
     pub(super) fn on_steer_grace(&mut self, number: u64) {
-        let Some(since) = self.reloads.graced.get(&number).copied() else {
+        let Some(waited) = self.reloads.graced.get(&number).map(|(t, _)| t.elapsed()) else {
             return;
         };
-        let waited = since.elapsed();
         let grace = self.config.steer_grace.unwrap_or_default();
         let limit = self.config.drain_timeout + grace;
         if self.host.steered_queue(number) && waited < limit {
@@ -64,9 +65,11 @@ impl<H: Host> Supervisor<H> {
             self.arm(number, grace, Timer::SteerGrace);
             return;
         }
-        self.reloads.graced.remove(&number);
-        let why = format!(
-            "no new connections for {}",
+        let Some((_, why)) = self.reloads.graced.remove(&number) else {
+            return;
+        };
+        tracing::debug!(
+            "generation {number} got no new connections for {}",
             humantime::format_duration(Duration::from_millis(waited.as_millis() as u64))
         );
         self.send_drain(number, &why);
