@@ -82,6 +82,9 @@ pub trait Host {
     /// `--steer`: new connections go to generation `number`'s sockets from
     /// now on (`steer.rs`).
     fn steer_to(&mut self, _number: u64) {}
+    /// `--steer`: generation `number`, about to start, shares generation
+    /// `with`'s sockets.
+    fn steer_share(&mut self, _number: u64, _with: u64) {}
     /// `--steer`: whether connections wait in generation `number`'s own
     /// accept queues, not accepted yet.
     fn steered_queue(&self, _number: u64) -> bool {
@@ -331,6 +334,12 @@ impl Host for OsHost {
     fn steer_to(&mut self, number: u64) {
         if let Some(steer) = &mut self.steer {
             steer.steer_to(number);
+        }
+    }
+
+    fn steer_share(&mut self, number: u64, with: u64) {
+        if let Some(steer) = &mut self.steer {
+            steer.share(number, with);
         }
     }
 

@@ -114,6 +114,9 @@ impl Steer {
     /// connections go to if no living generation uses it (the queue there
     /// waits for someone), else the other side if it is free.
     pub fn assign(&mut self, number: u64) -> Result<Side, String> {
+        if let Some(side) = self.sides.get(&number) {
+            return Ok(*side);
+        }
         let used = |side: Side| self.sides.values().any(|s| *s == side);
         let side = if !used(self.target) {
             self.target
@@ -132,6 +135,16 @@ impl Steer {
         };
         self.sides.insert(number, side);
         Ok(side)
+    }
+
+    /// Generation `number`, about to start, shares generation `with`'s
+    /// side: the successor of an SDK worker, whose drain is exact and whose
+    /// freeze stops its accepting before its successor is ready (connections
+    /// waiting then must be on the successor's socket).
+    pub fn share(&mut self, number: u64, with: u64) {
+        if let Some(side) = self.sides.get(&with).copied() {
+            self.sides.insert(number, side);
+        }
     }
 
     /// The descriptors generation `number` gets, one per listener in

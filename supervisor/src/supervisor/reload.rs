@@ -150,17 +150,7 @@ impl<H: Host> Supervisor<H> {
             );
             return;
         }
-        let alive = self.generations.numbers();
-        if self.config.steer_grace.is_some() && alive.len() >= 2 {
-            tracing::info!(
-                "reload waits: --steer gives each listener two sockets, and generations {} \
-                 use them until one exits",
-                alive
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" and ")
-            );
+        if self.steer_blocks_reload() {
             return;
         }
         let waiters = self.reloads.queued.take().unwrap_or_default();
@@ -320,6 +310,7 @@ impl<H: Host> Supervisor<H> {
         if !self.reloads.in_flight_is(number) {
             return;
         }
+        self.steer_before_spawn(number);
         match self.host.spawn_worker(number) {
             Ok(pid) => self.add_generation(number, pid),
             Err(reason) => self.finish_in_flight(number, Err(Failure::Spawn(reason))),

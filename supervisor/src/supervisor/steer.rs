@@ -18,8 +18,43 @@ use crate::generations::Phase;
 use crate::host::Host;
 
 impl<H: Host> Supervisor<H> {
+    /// The serving generation, if it speaks the worker protocol: its
+    /// drain is exact (it answers what it accepted, and a freeze stops its
+    /// accepting before its successor is ready), so its successor shares its
+    /// sockets and it is not steered away from.
+    fn serving_sdk(&self) -> Option<u64> {
+        let serving = self.generations.serving()?;
+        let g = self.generations.get(serving)?;
+        g.speaks_protocol.then_some(serving)
+    }
+
+    /// Before generation `number` starts: under `--steer`, the successor of
+    /// an SDK worker shares its sockets.
+    pub(super) fn steer_before_spawn(&mut self, number: u64) {
+        if let (Some(_), Some(serving)) = (self.config.steer_grace, self.serving_sdk()) {
+            self.host.steer_share(number, serving);
+        }
+    }
+
+    /// Whether a reload must wait: under `--steer` both sockets of each
+    /// listener are in use by the generations alive (unless the serving
+    /// one's successor will share its sockets).
+    pub(super) fn steer_blocks_reload(&self) -> bool {
+        let alive = self.generations.numbers();
+        if self.config.steer_grace.is_none() || alive.len() < 2 || self.serving_sdk().is_some() {
+            return false;
+        }
+        let alive: Vec<String> = alive.iter().map(u64::to_string).collect();
+        tracing::info!(
+            "reload waits: --steer gives each listener two sockets, and generations {} use \
+             them until one exits",
+            alive.join(" and ")
+        );
+        true
+    }
+
     /// Generation `number` is replaced: under `--steer` it drains after the
-    /// grace, else now.
+    /// grace (an SDK worker, whose drain is exact, at once), else now.
     pub(super) fn retire(&mut self, number: u64, why: &str) {
         let Some(grace) = self.config.steer_grace else {
             self.begin_drain(number, why);
@@ -29,6 +64,10 @@ impl<H: Host> Supervisor<H> {
             return;
         };
         if g.phase == Phase::Draining {
+            return;
+        }
+        if g.speaks_protocol {
+            self.begin_drain(number, why);
             return;
         }
         g.phase = Phase::Draining;

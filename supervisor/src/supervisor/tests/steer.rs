@@ -96,3 +96,27 @@ fn without_steer_the_replaced_generation_is_told_at_once() {
     assert!(rig.drained_by_signal(1));
     assert!(rig.host().steered.is_empty());
 }
+
+#[test]
+fn an_sdk_worker_is_drained_at_once_and_reloads_do_not_wait_for_it() {
+    // Its drain is exact and its freeze stops its accepting early: its
+    // successor shares its sockets, and it needs no grace.
+    let mut rig = steered();
+    rig.hello(1);
+    let mut answer = rig.reload();
+    rig.hello(2);
+    rig.ready(2);
+    assert!(outcome(&mut answer).ok);
+    assert!(rig
+        .sent_to(1)
+        .iter()
+        .any(|m| matches!(m, baton_worker::protocol::SupervisorMessage::Drain { .. })));
+    let mut third = rig.reload();
+    assert_eq!(
+        rig.phase(3),
+        Some(Phase::Starting),
+        "waited for generation 1"
+    );
+    rig.ready(3);
+    assert!(outcome(&mut third).ok);
+}
