@@ -87,9 +87,10 @@ fn main() -> ExitCode {
     let secs: u64 = arg("--seconds").and_then(|r| r.parse().ok()).unwrap_or(5);
     println!("reload storms: {reloads} reloads each, --steer-grace {grace}\n");
     println!(
-        "| server | --steer | reloads | ok | retried | failed | reload p50 ms | reload max ms |"
+        "| server | connections | --steer | reloads | ok | retried | failed | reload p50 ms | \
+         reload max ms |"
     );
-    println!("| --- | --- | --: | --: | --: | --: | --: | --: |");
+    println!("| --- | --- | --- | --: | --: | --: | --: | --: | --: |");
     for server in Server::ALL {
         if let Err(missing) = server.program() {
             println!(
