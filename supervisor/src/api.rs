@@ -28,6 +28,16 @@ pub enum Request {
         #[serde(default)]
         now: bool,
     },
+    /// Re-execute the supervisor in place from `binary` (default: the path
+    /// baton was started from); with `wait`, answer once the new one runs.
+    Upgrade {
+        /// Answer only when the upgrade is over (the new supervisor answers).
+        #[serde(default)]
+        wait: bool,
+        /// The binary to execute.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 /// Where a generation is in its life.
@@ -53,6 +63,8 @@ pub enum Reply {
     Status(Box<Status>),
     /// `stop`: every generation has exited.
     Stopped,
+    /// `upgrade --wait`: how the upgrade ended.
+    Upgrade(LastUpgrade),
     /// The request was refused, or baton is going away.
     Refused(String),
 }
@@ -97,6 +109,56 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     /// The kept values baton holds for a crash restart.
     pub kept: Option<KeptStatus>,
+    /// The running baton's version.
+    #[serde(default)]
+    pub version: String,
+    /// Upgrades of baton itself so far.
+    #[serde(default)]
+    pub upgrades: UpgradeCounts,
+    /// How the last upgrade ended.
+    #[serde(default)]
+    pub last_upgrade: Option<LastUpgrade>,
+    /// The upgrade asked for and not over yet.
+    #[serde(default)]
+    pub upgrading: Option<Upgrading>,
+}
+
+/// Upgrade counts in [`Status`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeCounts {
+    /// Upgrades whose new supervisor runs.
+    pub ok: u64,
+    /// Upgrades that failed (the old supervisor ran on).
+    pub failed: u64,
+}
+
+/// How an upgrade ended: in [`Status`], and the answer to `upgrade --wait`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastUpgrade {
+    /// Whether the new supervisor runs.
+    pub ok: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// From the request to the new supervisor's first answer.
+    pub ms: u64,
+    /// The version of the baton that was upgraded.
+    pub from: String,
+    /// The version now running (after a failure: the one that runs on).
+    pub to: String,
+    /// The binary it executed (or tried to).
+    pub binary: String,
+}
+
+/// An upgrade in progress, in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upgrading {
+    /// Where it stands: `queued` (behind a reload or a crash restart),
+    /// `preflight` (the new binary checks the state), `exec`.
+    pub step: String,
+    /// The binary.
+    pub binary: String,
+    /// How long it has been going.
+    pub ms: u64,
 }
 
 /// One generation in [`Status`].
@@ -243,6 +305,7 @@ impl Reply {
                     stopped: true,
                 },
             }),
+            Reply::Upgrade(outcome) => serde_json::to_string(outcome),
             Reply::Refused(error) => serde_json::to_string(&Envelope {
                 ok: false,
                 body: Refusal {
@@ -260,10 +323,15 @@ impl Reply {
         struct Head {
             ok: bool,
             generation: Option<serde_json::Value>,
+            binary: Option<serde_json::Value>,
         }
         let head: Head = serde_json::from_str(line)?;
-        let refused = !head.ok
-            && !matches!(request, Request::Reload { wait: true } if head.generation.is_some());
+        let outcome = match request {
+            Request::Reload { wait: true } => head.generation.is_some(),
+            Request::Upgrade { wait: true, .. } => head.binary.is_some(),
+            _ => false,
+        };
+        let refused = !head.ok && !outcome;
         if refused {
             let Envelope { body, .. } = serde_json::from_str::<Envelope<Refusal>>(line)?;
             return Ok(Reply::Refused(body.error));
@@ -276,6 +344,8 @@ impl Reply {
                 Reply::Status(Box::new(body))
             }
             Request::Stop { .. } => Reply::Stopped,
+            Request::Upgrade { wait: true, .. } => Reply::Upgrade(serde_json::from_str(line)?),
+            Request::Upgrade { wait: false, .. } => Reply::Queued,
         })
     }
 }
@@ -322,6 +392,26 @@ mod tests {
                 generation: 2,
                 bytes: 10,
             }),
+            version: "0.1.0".into(),
+            upgrades: UpgradeCounts { ok: 2, failed: 1 },
+            last_upgrade: None,
+            upgrading: Some(Upgrading {
+                step: "preflight".into(),
+                binary: "/usr/bin/baton".into(),
+                ms: 4,
+            }),
+        };
+        let upgraded = LastUpgrade {
+            ok: false,
+            error: Some("it crashed".into()),
+            ms: 12,
+            from: "0.1.0".into(),
+            to: "0.1.0".into(),
+            binary: "/bin/false".into(),
+        };
+        let upgrade = Request::Upgrade {
+            wait: true,
+            binary: None,
         };
         let failed = ReloadOutcome {
             ok: false,
@@ -334,6 +424,8 @@ mod tests {
             (Request::Reload { wait: true }, Reply::Reload(failed)),
             (Request::Reload { wait: false }, Reply::Queued),
             (Request::Stop { now: false }, Reply::Stopped),
+            (upgrade.clone(), Reply::Upgrade(upgraded)),
+            (upgrade, Reply::Refused("baton is stopping".into())),
             (Request::Status, Reply::Refused("baton is stopping".into())),
             (
                 Request::Reload { wait: true },

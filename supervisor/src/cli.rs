@@ -1,4 +1,4 @@
-//! The command line: `baton run`, `reload`, `status`, `stop`.
+//! The command line: `baton run`, `reload`, `status`, `stop`, `upgrade`.
 //!
 //! [`Cli`] is the clap definition (its doc comments are the help texts);
 //! [`execute`] runs one parsed command. Client commands talk to a running
@@ -66,6 +66,38 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Re-execute the supervisor in place from a new binary; workers keep
+    /// running untouched (same pid, same sockets, same kept values).
+    ///
+    /// The new binary first checks the state it would get (a pre-flight
+    /// child); only if it accepts does baton execute it. An upgrade asked
+    /// for during a reload waits for it. SIGUSR2 to baton does the same
+    /// from the path baton was started from.
+    Upgrade {
+        /// Wait for the outcome: exit 0 once the new supervisor answers,
+        /// non-zero with the reason if the upgrade failed (the old
+        /// supervisor then runs on).
+        #[arg(long)]
+        wait: bool,
+        /// The binary to execute [default: the path baton was started from,
+        /// resolved anew, so a package upgrade that replaced it is picked up]
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// The pre-flight of an upgrade (run by the old baton, not by people):
+    /// read the state at --state-fd, check baton's own arguments, and say
+    /// whether this binary can take over.
+    #[command(hide = true)]
+    UpgradeCheck {
+        /// The descriptor of the hand-over state.
+        #[arg(long, value_name = "FD")]
+        state_fd: i32,
+        /// The running baton's arguments (after `argv[0]`).
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<OsString>,
+    },
     /// Print a shell completion script: `source <(baton completions bash)`.
     Completions {
         /// The shell.
@@ -107,7 +139,7 @@ impl ControlArg {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// A listening socket to hold, as NAME=ADDR; repeatable. ADDR is
-    /// tcp://HOST:PORT (HOST may be [IPv6]), udp://HOST:PORT, unix:PATH
+    /// tcp://HOST:PORT (an IPv6 HOST in brackets), udp://HOST:PORT, unix:PATH
     /// (stream), unix-dgram:PATH, or `systemd` to adopt the socket systemd
     /// passed under that name (FileDescriptorName=). Workers see them at
     /// fds 3.. in this order.
@@ -328,6 +360,35 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             println!("baton stopped");
             Ok(())
         }
+        Command::Upgrade {
+            wait,
+            binary,
+            control,
+        } => {
+            let binary = crate::upgrade::client_binary(binary);
+            match ask(&control, &Request::Upgrade { wait, binary }).await? {
+                Reply::Upgrade(u) if u.ok => {
+                    println!(
+                        "baton {} runs in place of {} (upgrade took {}ms)",
+                        u.to, u.from, u.ms
+                    );
+                    Ok(())
+                }
+                Reply::Upgrade(u) => Err(Error::UpgradeFailed(
+                    u.error.unwrap_or_else(|| "no reason given".into()),
+                )),
+                _ => {
+                    println!("upgrade requested");
+                    Ok(())
+                }
+            }
+        }
+        Command::UpgradeCheck { state_fd, args } => {
+            let accepted = crate::upgrade::preflight::check(state_fd, &args)
+                .map_err(|e| Error::Upgrade(format!("this baton cannot take over: {e}")))?;
+            println!("{accepted}");
+            Ok(())
+        }
     }
 }
 
@@ -346,7 +407,7 @@ fn describe_status(s: &Status) -> String {
         Some(n) => format!("generation {n} serving"),
         None => "no generation serving".to_owned(),
     };
-    out.push_str(&format!("baton (pid {}): {serving}\n", s.pid));
+    out.push_str(&format!("baton {} (pid {}): {serving}\n", s.version, s.pid));
     for l in &s.listeners {
         out.push_str(&format!("  listener {}: {}\n", l.name, l.address));
     }
@@ -394,6 +455,26 @@ fn describe_status(s: &Status) -> String {
             r.error.as_deref().unwrap_or("?")
         )),
         None => out.push_str("  last reload: none yet\n"),
+    }
+    if let Some(u) = &s.upgrading {
+        out.push_str(&format!(
+            "  upgrading to {}: {} for {}ms\n",
+            u.binary, u.step, u.ms
+        ));
+    }
+    let counts = format!("{} ok, {} failed", s.upgrades.ok, s.upgrades.failed);
+    match &s.last_upgrade {
+        Some(u) if u.ok => out.push_str(&format!(
+            "  upgrades: {counts}; last: {} -> {} ok in {}ms ({})\n",
+            u.from, u.to, u.ms, u.binary
+        )),
+        Some(u) => out.push_str(&format!(
+            "  upgrades: {counts}; last: {} FAILED after {}ms: {}\n",
+            u.binary,
+            u.ms,
+            u.error.as_deref().unwrap_or("?")
+        )),
+        None => out.push_str(&format!("  upgrades: {counts}\n")),
     }
     out
 }

@@ -75,6 +75,20 @@ pub enum Event {
     },
     /// `--stop-timeout` passed since the stop began.
     StopTimeout,
+    /// SIGUSR2 or `baton upgrade`: re-execute baton in place.
+    Upgrade {
+        /// The binary (`None`: the path baton was started from).
+        binary: Option<PathBuf>,
+        /// The connection of a client waiting for the outcome
+        /// (`upgrade --wait`): answered by whichever supervisor runs at the
+        /// end, the new one after an exec.
+        client: Option<OwnedFd>,
+    },
+    /// The upgrade's pre-flight took too long; `seq` tells stale ones apart.
+    PreflightTimeout {
+        /// The pre-flight this timer was armed for.
+        seq: u64,
+    },
     /// The back-off after a crash is over; `seq` tells stale ones apart.
     RestartDue {
         /// The restart this timer was armed for.
@@ -82,8 +96,9 @@ pub enum Event {
     },
 }
 
-/// The deadlines a generation can have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The deadlines a generation can have (they cross an upgrade by name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Timer {
     /// `--ready-timeout` passed.
     ReadyTimeout,

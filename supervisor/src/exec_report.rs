@@ -1,7 +1,7 @@
 //! A child's exec report: how a worker or build that could not exec says
 //! which step failed and why.
 //!
-//! Between fork and exec the child (`sys.rs`) writes a [`Step`] and its
+//! Between fork and exec the child (`sys.rs`) writes a `Step` and its
 //! errno to a close-on-exec pipe, then exits; a child that execs closes the
 //! pipe empty. [`ExecReport`] reads that once the child has exited, so the
 //! event loop never waits for it. This module never forks or execs.

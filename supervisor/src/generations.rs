@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use nix::unistd::Pid;
 
+use crate::event::Timer;
 use crate::host::TimerId;
 
 /// Where a generation is in its life (part of the control API, which shows
@@ -46,7 +47,19 @@ pub struct Generation {
     pub status: Option<String>,
     /// Pending deadlines (ready, freeze, drain): the start-up ones are
     /// cancelled once it is ready, all of them once it is gone.
-    pub timers: Vec<TimerId>,
+    pub timers: Vec<Deadline>,
+}
+
+/// A pending deadline of a generation: what it is and when it falls (an
+/// upgrade of baton re-arms it with the time it had left).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// The host's id, to cancel it.
+    pub id: TimerId,
+    /// Which deadline.
+    pub timer: Timer,
+    /// When it falls.
+    pub at: Instant,
 }
 
 impl Generation {

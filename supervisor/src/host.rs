@@ -11,9 +11,14 @@
 //! notify socket file, reader tasks, exec report), keyed by generation
 //! number, and turns what arrives on them into [`Event`]s. It never decides
 //! anything about a generation's life.
+//!
+//! For an upgrade of baton the host also starts the pre-flight child, and
+//! execs: it knows which descriptor is what ([`upgrade::state::HostFds`]),
+//! and takes them over again in the new supervisor ([`OsHost::adopt_worker`]).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,13 +30,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::api::ListenerStatus;
+use crate::api::{ListenerStatus, Reply};
 use crate::event::{Event, Exit};
 use crate::exec_report::ExecReport;
 use crate::listener::Listener;
 use crate::notify::{self, Systemd};
 use crate::spawn::{Launcher, SocketFile};
 use crate::steer::Steer;
+use crate::upgrade::{self, preflight, state::Table};
 
 /// A pending deadline, to cancel it.
 pub type TimerId = u64;
@@ -90,15 +96,33 @@ pub trait Host {
     fn steered_queue(&self, _number: u64) -> bool {
         false
     }
+    /// The binary an upgrade runs when none is named: the path baton was
+    /// started from.
+    fn default_binary(&self) -> PathBuf;
+    /// Starts an upgrade's pre-flight: `binary` checks the state it would
+    /// get (`table` and the host's descriptors).
+    fn spawn_preflight(&mut self, binary: &Path, table: &Table) -> Result<Pid, String>;
+    /// What pre-flight child `pid` said: the new baton's version, or why it
+    /// refused. Ask once it exited.
+    fn preflight_verdict(&mut self, pid: Pid, exit: Exit) -> Result<String, String>;
+    /// Executes `binary` in place with `table`: returns only if that failed,
+    /// with why.
+    fn exec(&mut self, binary: &Path, table: Table) -> String;
+    /// Answers a client the loop kept (`upgrade --wait`).
+    fn answer(&mut self, client: OwnedFd, reply: Reply);
 }
 
 /// One generation's operating-system side.
 struct Worker {
     channel: Arc<AsyncFd<OwnedFd>>,
+    /// The notify socket (its reader has a duplicate), to carry across an
+    /// upgrade.
+    notify: OwnedFd,
+    notify_uid: u32,
     /// Reader tasks, aborted when the generation is gone.
     tasks: Vec<AbortHandle>,
     /// Removed from disk when dropped.
-    _notify_file: SocketFile,
+    notify_file: SocketFile,
 }
 
 /// The real host: processes, sockets, tokio timers, systemd.
@@ -118,6 +142,10 @@ pub struct OsHost {
     /// `--steer`: each TCP listener's second socket, and each living
     /// generation's side (`None`: every generation shares the listeners).
     steer: Option<Steer>,
+    /// What an upgrade needs beyond the host's own descriptors.
+    upgrade: upgrade::Context,
+    /// Pre-flight children still running.
+    preflights: HashMap<Pid, preflight::Child>,
 }
 
 impl OsHost {
@@ -140,6 +168,107 @@ impl OsHost {
             timers: HashMap::new(),
             next_timer: 0,
             steer: None,
+            upgrade: upgrade::Context::default(),
+            preflights: HashMap::new(),
+        }
+    }
+
+    /// Sets what an upgrade needs beyond the host's own descriptors.
+    pub fn upgrade_context(&mut self, context: upgrade::Context) {
+        self.upgrade = context;
+    }
+
+    /// Takes over generation `number`'s channel and notify socket from the
+    /// supervisor before an upgrade, and reads them again.
+    pub fn adopt_worker(
+        &mut self,
+        number: u64,
+        channel: OwnedFd,
+        notify: OwnedFd,
+        carried: &upgrade::state::CarriedWorker,
+    ) -> Result<(), String> {
+        let channel = Arc::new(crate::sys::async_fd(channel).map_err(|e| e.to_string())?);
+        let socket = notify.try_clone().map_err(|e| e.to_string())?;
+        self.watch(
+            number,
+            channel,
+            notify,
+            std::os::unix::net::UnixDatagram::from(socket),
+            carried.notify_uid,
+            SocketFile::adopt(carried.notify_path.clone()),
+        );
+        Ok(())
+    }
+
+    /// Reads generation `number`'s notify socket and channel into events.
+    fn watch(
+        &mut self,
+        number: u64,
+        channel: Arc<AsyncFd<OwnedFd>>,
+        notify: OwnedFd,
+        socket: std::os::unix::net::UnixDatagram,
+        notify_uid: u32,
+        notify_file: SocketFile,
+    ) {
+        let events = self.events.clone();
+        let tasks = vec![
+            tokio::spawn(notify::read_worker_notify(
+                number,
+                socket,
+                notify_uid,
+                events.clone(),
+            ))
+            .abort_handle(),
+            tokio::spawn(read_channel(number, channel.clone(), events)).abort_handle(),
+        ];
+        let worker = Worker {
+            channel,
+            notify,
+            notify_uid,
+            tasks,
+            notify_file,
+        };
+        self.workers.insert(number, worker);
+    }
+
+    /// The hand-over state: `table` and which descriptor is what.
+    fn handover(&self, table: Table) -> upgrade::state::Handover {
+        use upgrade::state::{CarriedControl, CarriedWorker, Handover, HostFds, STATE_VERSION};
+        let (path, listener, dir, lock) = self.upgrade.control.clone().unwrap_or_default();
+        let mut workers: Vec<CarriedWorker> = self
+            .workers
+            .iter()
+            .map(|(number, w)| CarriedWorker {
+                generation: *number,
+                channel: w.channel.get_ref().as_raw_fd(),
+                notify: w.notify.as_raw_fd(),
+                notify_path: w.notify_file.path().to_path_buf(),
+                notify_uid: w.notify_uid,
+            })
+            .collect();
+        workers.sort_by_key(|w| w.generation);
+        Handover {
+            version: STATE_VERSION,
+            baton_version: env!("CARGO_PKG_VERSION").to_owned(),
+            written_at_ns: upgrade::state::monotonic_ns(),
+            table,
+            host: HostFds {
+                listeners: self
+                    .listeners
+                    .iter()
+                    .map(|l| (l.name.clone(), l.fd.as_raw_fd()))
+                    .collect(),
+                workers,
+                run_dir: self.launcher.run_dir().to_path_buf(),
+                control: CarriedControl {
+                    path,
+                    listener,
+                    dir,
+                    lock,
+                },
+                metrics: self.upgrade.metrics,
+                default_binary: self.upgrade.default_binary.clone(),
+            },
         }
     }
 
@@ -185,25 +314,21 @@ impl Host for OsHost {
                 return Err(format!("watching its channel: {e}"));
             }
         };
-        let events = self.events.clone();
-        let tasks = vec![
-            tokio::spawn(notify::read_worker_notify(
-                number,
-                spawned.notify,
-                spawned.notify_uid,
-                events.clone(),
-            ))
-            .abort_handle(),
-            tokio::spawn(read_channel(number, channel.clone(), events)).abort_handle(),
-        ];
+        let notify = match spawned.notify.try_clone() {
+            Ok(socket) => OwnedFd::from(socket),
+            Err(e) => {
+                let _ = killpg(spawned.pid, Signal::SIGKILL);
+                return Err(format!("keeping its notify socket: {e}"));
+            }
+        };
         self.reports.insert(spawned.pid, spawned.report);
-        self.workers.insert(
+        self.watch(
             number,
-            Worker {
-                channel,
-                tasks,
-                _notify_file: spawned.notify_file,
-            },
+            channel,
+            notify,
+            spawned.notify,
+            spawned.notify_uid,
+            spawned.notify_file,
         );
         Ok(spawned.pid)
     }
@@ -347,6 +472,43 @@ impl Host for OsHost {
         self.steer
             .as_ref()
             .is_some_and(|s| s.queued(number, &self.listeners))
+    }
+
+    fn default_binary(&self) -> PathBuf {
+        self.upgrade.default_binary.clone()
+    }
+
+    fn spawn_preflight(&mut self, binary: &Path, table: &Table) -> Result<Pid, String> {
+        let state = self.handover(table.clone());
+        let memfd = state
+            .to_memfd()
+            .map_err(|e| format!("writing the hand-over state: {e}"))?;
+        let args = self.upgrade.argv.get(1..).unwrap_or_default();
+        let child = preflight::spawn(binary, args, &memfd)?;
+        let pid = child.pid;
+        self.preflights.insert(pid, child);
+        Ok(pid)
+    }
+
+    fn preflight_verdict(&mut self, pid: Pid, exit: Exit) -> Result<String, String> {
+        let child = self
+            .preflights
+            .remove(&pid)
+            .ok_or_else(|| "its pre-flight child is unknown".to_owned())?;
+        let failure = child
+            .report
+            .failure()
+            .map(|f| format!("{}: {}", f.step, f.error));
+        preflight::verdict(exit, failure, &preflight::output(&child))
+    }
+
+    fn exec(&mut self, binary: &Path, table: Table) -> String {
+        let state = self.handover(table);
+        upgrade::exec::exec(binary, &self.upgrade.argv, &state)
+    }
+
+    fn answer(&mut self, client: OwnedFd, reply: Reply) {
+        crate::control::answer(client, reply);
     }
 }
 

@@ -23,6 +23,8 @@
 //! * [`control`]: the control socket behind `baton reload|status|stop`.
 //! * [`watch`]: `--watch`, file changes debounced into reload triggers.
 //! * [`cli`]: the command line and the client commands.
+//! * [`upgrade`]: upgrading baton itself in place: the hand-over state,
+//!   the pre-flight, the exec; [`run_dir`]: files baton removes when done.
 //! * [`logging`]: stderr logs for a terminal or for journald, written by a
 //!   thread of their own so that the event loop never waits for stderr.
 //!
@@ -41,11 +43,13 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod run;
+pub mod run_dir;
 pub mod spawn;
 pub mod state;
 pub mod steer;
 pub mod supervisor;
 pub(crate) mod sys;
+pub mod upgrade;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -150,6 +154,12 @@ pub enum Error {
     /// A reload that `baton reload --wait` waited for failed.
     #[error("reload failed: {0}")]
     ReloadFailed(String),
+    /// The hand-over state of an upgrade cannot be used.
+    #[error("upgrading in place: {0}")]
+    Upgrade(String),
+    /// An upgrade that `baton upgrade --wait` waited for failed.
+    #[error("upgrade failed: {0}")]
+    UpgradeFailed(String),
     /// The running baton refused a request.
     #[error("baton refused the request: {0}")]
     Refused(String),

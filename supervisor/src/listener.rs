@@ -314,6 +314,14 @@ impl Activated {
         Activated { fds, absent: None }
     }
 
+    /// The listeners a supervisor before an upgrade held, by the names
+    /// [`Listener::bind`] looks for: `NAME` for `NAME=systemd`, the store
+    /// name for the ones baton bound.
+    pub fn carried(fds: Vec<(String, OwnedFd)>) -> Activated {
+        let fds = fds.into_iter().map(|(n, fd)| (n, Some(fd))).collect();
+        Activated { fds, absent: None }
+    }
+
     /// Takes the socket systemd passed under `name`.
     fn take(&mut self, name: &str) -> Result<Socket, Error> {
         if let Some(why) = &self.absent {
@@ -354,7 +362,7 @@ impl Activated {
 }
 
 /// The name listener `name` is kept under in systemd's store.
-fn store_name(name: &str) -> String {
+pub fn store_name(name: &str) -> String {
     format!("baton-listen-{name}")
 }
 

@@ -76,7 +76,16 @@ pub fn init() -> io::Result<()> {
     let (sender, receiver) = mpsc::channel();
     std::thread::Builder::new()
         .name("baton-stderr".into())
-        .spawn(move || write_out(receiver))?;
+        .spawn(move || {
+            // Signals are the main thread's: a signal this thread took would
+            // wait for a runtime that is about to exec during an upgrade.
+            let _ = nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_BLOCK,
+                Some(&nix::sys::signal::SigSet::all()),
+                None,
+            );
+            write_out(receiver)
+        })?;
     // A second call's thread ends at once: its sender is dropped here.
     let _ = WRITER.set(sender);
     let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));

@@ -33,8 +33,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many scrapes are served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 16;
 
-/// What the loop counts, as published to the metrics server.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What the loop counts, as published to the metrics server (and carried
+/// across an upgrade of baton).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Metrics {
     /// The serving generation.
     pub serving_generation: Option<u64>,
@@ -44,7 +46,7 @@ pub struct Metrics {
     pub reloads_ok: u64,
     /// Reloads that failed.
     pub reloads_failed: u64,
-    /// How many reloads took at most each of [`BUCKETS`] seconds.
+    /// How many reloads took at most each of `BUCKETS` seconds.
     pub reload_buckets: [u64; BUCKETS.len()],
     /// Every reload's duration, summed, in seconds.
     pub reload_seconds: f64,
@@ -58,6 +60,10 @@ pub struct Metrics {
     pub last_accept_pause: Option<f64>,
     /// baton is stopping.
     pub stopping: bool,
+    /// Upgrades of baton itself whose new supervisor runs.
+    pub upgrades_ok: u64,
+    /// Upgrades of baton itself that failed.
+    pub upgrades_failed: u64,
 }
 
 impl Metrics {
@@ -140,6 +146,18 @@ impl Metrics {
             &one(self.worker_restarts.to_string()),
         );
         metric(
+            "baton_upgrades_total",
+            "counter",
+            "Upgrades of baton itself in place, by result.",
+            &[
+                ("{result=\"ok\"}".into(), self.upgrades_ok.to_string()),
+                (
+                    "{result=\"failed\"}".into(),
+                    self.upgrades_failed.to_string(),
+                ),
+            ],
+        );
+        metric(
             "baton_build_failures_total",
             "counter",
             "--build runs that failed.",
@@ -181,19 +199,33 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an address like tcp://127.0.0.1:9090"))
 }
 
-/// Binds the metrics listener and serves it until the runtime ends.
-pub async fn serve(
-    addr: SocketAddr,
+/// Binds the metrics listener (non-blocking, close-on-exec).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    let err = |source| Error::Bind {
+        name: "--metrics".into(),
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves `GET /metrics` on `listener` (bound by [`bind`], or carried
+/// across an upgrade) from what `metrics` publishes; returns where.
+pub fn serve(
+    listener: std::net::TcpListener,
     metrics: watch::Receiver<Metrics>,
     control_connections: Arc<AtomicU64>,
 ) -> Result<SocketAddr, Error> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind {
-            name: "--metrics".into(),
-            addr: addr.to_string(),
-            source,
-        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Io {
+        context: "--metrics: its address".into(),
+        source,
+    })?;
+    let listener = TcpListener::from_std(listener).map_err(|source| Error::Io {
+        context: "--metrics: serving".into(),
+        source,
+    })?;
     let bound = listener.local_addr().unwrap_or(addr);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {

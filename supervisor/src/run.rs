@@ -5,10 +5,14 @@
 //! directory and the launcher, become a child subreaper, unblock and install
 //! the signal handlers (before any child exists, so no exit is missed),
 //! serve the control socket, start the watcher, and only then start
-//! generation 1 and run the loop until it is done. This module never decides
-//! anything about a generation: `supervisor/` does.
+//! generation 1 and run the loop until it is done. After an upgrade's exec
+//! (`upgrade/`) the same steps take over what the state names instead of
+//! binding and creating, and the table is rebuilt instead of starting
+//! generation 1. When the loop says an upgrade is due, `upgrade_now` quiets
+//! the control socket, blocks signals and lets the loop exec. This module
+//! never decides anything about a generation: `supervisor/` does.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -19,40 +23,59 @@ use crate::event::Event;
 use crate::host::OsHost;
 use crate::listener::{Activated, Listener};
 use crate::notify::Systemd;
+use crate::run_dir::RunDir;
 use crate::spawn::{Launcher, RunAs};
 use crate::state::Snapshot;
 use crate::steer::Steer;
 use crate::supervisor::{Config, Outcome, Supervisor};
+use crate::upgrade;
 use crate::watch;
 use crate::Error;
 
 /// Runs `baton run` to the end: binds, starts generation 1, serves events
 /// until stopped. Returns an error if the first generation never serves.
+/// After an upgrade's exec it takes over instead of binding and starting.
 pub async fn run(config: Config) -> Result<(), Error> {
-    let io = |context: &str, source: std::io::Error| Error::Io {
-        context: context.to_owned(),
-        source,
-    };
+    // Every signal waits until the handlers are in place and every thread
+    // baton starts (the watcher's) has inherited this mask: signals are the
+    // main thread's alone, so none is caught by a thread and lost across an
+    // upgrade's exec. (After an exec they are blocked already.)
+    set_signals_blocked(true)?;
     check_names(&config)?;
+    let carried = upgrade::adopt::from_env()?;
     let systemd = Systemd::from_env();
-    let mut activated = Activated::from_env();
-    let listeners = bind_listeners(&config, &mut activated)?;
-    let steer = match config.steer_grace {
-        Some(_) => Some(Steer::new(&listeners, &mut activated)?),
-        None => None,
+    let (listeners, steer, kept, mut control) = match &carried {
+        None => {
+            let mut activated = Activated::from_env();
+            let listeners = bind_listeners(&config, &mut activated)?;
+            let steer = match config.steer_grace {
+                Some(_) => Some(Steer::new(&listeners, &mut activated)?),
+                None => None,
+            };
+            let kept = adopt_kept(&mut activated, config.max_state);
+            let unused = activated.unused();
+            if !unused.is_empty() {
+                tracing::warn!(
+                    "systemd passed sockets no --listen NAME=systemd asks for: {}; closing them",
+                    unused.join(", ")
+                );
+            }
+            drop(activated);
+            use_fd_store(&systemd, &listeners);
+            (listeners, steer, kept, ControlSocket::bind(&config.control)?)
+        }
+        Some(state) => {
+            let mut activated = upgrade::adopt::listeners(state, &config.listeners)?;
+            let listeners = bind_listeners(&config, &mut activated)?;
+            let steer = match config.steer_grace {
+                Some(_) => Some(Steer::new(&listeners, &mut activated)?),
+                None => None,
+            };
+            let kept = upgrade::adopt::kept(state, config.max_state)?;
+            (listeners, steer, kept, upgrade::adopt::control(state)?)
+        }
     };
-    let kept = adopt_kept(&mut activated, config.max_state);
-    let unused = activated.unused();
-    if !unused.is_empty() {
-        tracing::warn!(
-            "systemd passed sockets no --listen NAME=systemd asks for: {}; closing them",
-            unused.join(", ")
-        );
-    }
-    drop(activated);
-    use_fd_store(&systemd, &listeners);
     let run_as = RunAs::resolve(config.user.as_deref(), config.group.as_deref())?;
-    let mut control = ControlSocket::bind(&config.control)?;
     let run_parent = control
         .path()
         .parent()
@@ -62,29 +85,23 @@ pub async fn run(config: Config) -> Result<(), Error> {
     if let Some(r) = &run_as {
         tracing::info!("workers run as {}", r.describe());
     }
-    let launcher = Launcher::new(
-        config.command.clone(),
-        &run_parent,
-        run_as,
-        config.drain_signal,
-    )?;
+    let (command, drain) = (config.command.clone(), config.drain_signal);
+    let launcher = match &carried {
+        None => Launcher::new(command, &run_parent, run_as, drain)?,
+        Some(state) => {
+            let run_dir = RunDir::adopt(state.host.run_dir.clone());
+            Launcher::adopt(command, run_dir, run_as, drain)?
+        }
+    };
     // Orphaned grandchildren of workers are re-parented to us and reaped.
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!("becoming a child subreaper: {e}; orphans of workers go to init");
     }
 
-    let (tx, rx) = mpsc::channel(256);
-    // Whoever started baton may have blocked signals (an ignored one is
-    // replaced by the handlers below); baton must hear them all.
-    nix::sys::signal::sigprocmask(
-        nix::sys::signal::SigmaskHow::SIG_SETMASK,
-        Some(&nix::sys::signal::SigSet::empty()),
-        None,
-    )
-    .map_err(|e| io("unblocking signals", e.into()))?;
-    // The signal table. Registered before any child exists, so no exit is
-    // missed.
-    let signals: [(SignalKind, fn() -> Event); 5] = [
+    let (tx, mut rx) = mpsc::channel(256);
+    // The signal table. Registered before any child exists (or, after an
+    // upgrade, while signals are still blocked), so no exit is missed.
+    let signals: [(SignalKind, fn() -> Event); 6] = [
         (SignalKind::hangup(), || Event::Reload),
         (SignalKind::terminate(), || {
             Event::Signal(nix::sys::signal::Signal::SIGTERM)
@@ -96,6 +113,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
             Event::Signal(nix::sys::signal::Signal::SIGQUIT)
         }),
         (SignalKind::child(), || Event::Child),
+        (SignalKind::user_defined2(), || Event::Upgrade {
+            binary: None,
+            client: None,
+        }),
     ];
     for (kind, event) in signals {
         let mut stream = signal(kind).map_err(|e| io("installing signal handlers", e))?;
@@ -116,22 +137,145 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!("control socket {}", control.path().display());
 
     let metrics = config.metrics;
-    let host = OsHost::new(launcher, listeners, tx, systemd).with_steer(steer);
+    let mut host = OsHost::new(launcher, listeners, tx.clone(), systemd).with_steer(steer);
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let default_binary = match &carried {
+        Some(state) => state.host.default_binary.clone(),
+        None => upgrade::started_from(std::path::Path::new(
+            argv.first().map_or("baton".as_ref(), |a| a.as_os_str()),
+        )),
+    };
+    let (c_listener, c_dir, c_lock) = control.fds();
+    let mut context = upgrade::Context {
+        argv,
+        default_binary,
+        control: Some((control.path().to_path_buf(), c_listener, c_dir, c_lock)),
+        metrics: None,
+    };
+    if let Some(state) = &carried {
+        for (number, fds) in upgrade::adopt::workers(state) {
+            let worker = state.host.workers.iter().find(|w| w.generation == number);
+            let adopted = match (fds, worker) {
+                (Ok((channel, notify)), Some(w)) => host
+                    .adopt_worker(number, channel, notify, w)
+                    .map_err(|e| e.to_string()),
+                (Err(e), _) => Err(e.to_string()),
+                (_, None) => Err("not described".into()),
+            };
+            if let Err(e) = adopted {
+                tracing::error!("generation {number}: taking over its sockets: {e}");
+            }
+        }
+    }
+    let carried_metrics = match &carried {
+        Some(state) => upgrade::adopt::metrics(state)?,
+        None => None,
+    };
+    let metrics_listener = match (carried_metrics, metrics) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(crate::metrics::bind(addr)?),
+        (None, None) => None,
+    };
+    context.metrics = metrics_listener.as_ref().map(|l| l.as_raw_fd());
+    host.upgrade_context(context);
     let mut supervisor = Supervisor::new(config, host);
-    supervisor.adopt_kept(kept);
-    if let Some(addr) = metrics {
+    if let Some(listener) = metrics_listener {
         let (publish, published) = tokio::sync::watch::channel(Default::default());
-        let bound = crate::metrics::serve(addr, published, control.connections()).await?;
+        let bound = crate::metrics::serve(listener, published, control.connections())?;
         tracing::info!("metrics on http://{bound}/metrics");
         supervisor.publish_metrics(publish);
     }
-    supervisor.start();
-    let outcome = supervisor.serve(rx).await;
+    match carried {
+        None => {
+            supervisor.adopt_kept(kept);
+            supervisor.start();
+        }
+        Some(state) => {
+            let clients = upgrade::adopt::clients(&state);
+            let gap = upgrade::state::monotonic_ns().saturating_sub(state.written_at_ns);
+            let gap = Duration::from_nanos(gap);
+            supervisor.import(state.table, gap, kept, clients, state.baton_version);
+            supervisor.resume();
+        }
+    }
+    // Only now, with the handlers in place and the table built: whoever
+    // started baton may have blocked signals, and an upgrade blocks them
+    // across its exec (a SIGHUP sent meanwhile is pending, and reloads now).
+    set_signals_blocked(false)?;
+    let outcome = loop {
+        match supervisor.serve(&mut rx).await {
+            Outcome::Upgrade => upgrade_now(&mut supervisor, &mut control, &mut rx, &tx).await?,
+            outcome => break outcome,
+        }
+    };
     control.finish(Duration::from_secs(1)).await;
     match outcome {
         Outcome::Stopped => Ok(()),
         Outcome::StopTimedOut(limit) => Err(Error::StopTimedOut(limit)),
         Outcome::FirstGenerationFailed(reason) => Err(Error::FirstGeneration(reason)),
+        Outcome::Upgrade => Ok(()),
+    }
+}
+
+/// The pre-flight passed: quiet the control socket (new clients wait in
+/// its queue; those accepted are answered), block signals, handle what is
+/// already queued, and exec. Returns only if the upgrade did not happen,
+/// with everything as it was.
+async fn upgrade_now(
+    supervisor: &mut Supervisor<OsHost>,
+    control: &mut ControlSocket,
+    rx: &mut mpsc::Receiver<Event>,
+    tx: &mpsc::Sender<Event>,
+) -> Result<(), Error> {
+    control.pause();
+    {
+        let idle = control.idle(CONTROL_QUIET);
+        tokio::pin!(idle);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut idle => break,
+                Some(event) = rx.recv() => supervisor.handle(event),
+            }
+        }
+    }
+    set_signals_blocked(true)?;
+    // Signals caught before the block reach the queue on the next turns.
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+    }
+    while let Ok(event) = rx.try_recv() {
+        supervisor.handle(event);
+    }
+    supervisor.exec_upgrade();
+    // Still here: it failed or waits; serve on.
+    set_signals_blocked(false)?;
+    control.serve(tx.clone())
+}
+
+/// How long an upgrade waits for the control connections already accepted
+/// to be answered before it execs.
+const CONTROL_QUIET: Duration = Duration::from_secs(1);
+
+/// Blocks or unblocks every signal for this thread (the only one that
+/// matters: tokio's signal handling runs here, and an exec keeps the mask).
+fn set_signals_blocked(blocked: bool) -> Result<(), Error> {
+    use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
+    let set = if blocked {
+        SigSet::all()
+    } else {
+        SigSet::empty()
+    };
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&set), None).map_err(|e| Error::Io {
+        context: "setting the signal mask".into(),
+        source: e.into(),
+    })
+}
+
+fn io(context: &str, source: std::io::Error) -> Error {
+    Error::Io {
+        context: context.to_owned(),
+        source,
     }
 }
 

@@ -30,6 +30,8 @@ use baton_worker::protocol::{CHANNEL_FD_ENV, GENERATION_ENV};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 
+use crate::run_dir::RunDir;
+pub use crate::run_dir::SocketFile;
 use crate::sys::{self, Credentials};
 use crate::Error;
 
@@ -143,24 +145,6 @@ impl WorkerCommand {
     }
 }
 
-/// A file that is removed when this value is dropped: a notify socket's,
-/// from its bind until its generation is gone (or its start failed).
-#[derive(Debug)]
-pub struct SocketFile(PathBuf);
-
-impl SocketFile {
-    /// Where the file is.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// A started worker, as the supervisor sees it.
 #[derive(Debug)]
 pub struct Spawned {
@@ -261,7 +245,7 @@ impl RunAs {
 pub struct Launcher {
     /// The worker command.
     pub command: WorkerCommand,
-    run_dir: tempfile::TempDir,
+    run_dir: RunDir,
     dev_null: OwnedFd,
     run_as: Option<RunAs>,
     /// What a worker gets when baton dies: its drain signal, so that it
@@ -326,8 +310,22 @@ impl Launcher {
                 crate::control::MAX_SOCKET_PATH
             )));
         }
+        Launcher::adopt(command, RunDir::adopt(run_dir.keep()), run_as, death_signal)
+    }
+
+    /// A launcher on a runtime directory that already exists (the one the
+    /// supervisor before an upgrade made).
+    pub fn adopt(
+        command: WorkerCommand,
+        run_dir: RunDir,
+        run_as: Option<RunAs>,
+        death_signal: nix::sys::signal::Signal,
+    ) -> Result<Launcher, Error> {
         let dev_null: OwnedFd = std::fs::File::open("/dev/null")
-            .map_err(|e| io("opening /dev/null".into(), e))?
+            .map_err(|source| Error::Io {
+                context: "opening /dev/null".into(),
+                source,
+            })?
             .into();
         Ok(Launcher {
             command,
@@ -355,7 +353,7 @@ impl Launcher {
         let notify =
             UnixDatagram::bind(&notify_path).map_err(|e| io("binding its notify socket", e))?;
         // From here on, any failure removes the file again.
-        let notify_file = SocketFile(notify_path);
+        let notify_file = SocketFile::adopt(notify_path);
         let notify_uid = self
             .run_as
             .as_ref()

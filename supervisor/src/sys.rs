@@ -393,3 +393,39 @@ pub fn adopt_activated(count: usize) -> Vec<OwnedFd> {
         })
         .collect()
 }
+
+/// Takes ownership of descriptor `fd`, which an upgrade's hand-over state
+/// names (the supervisor before the exec cleared its close-on-exec flag for
+/// this process), and makes it close-on-exec again. Refuses a descriptor
+/// that is not open.
+pub fn adopt_carried(fd: RawFd) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if fd < 3 {
+        return Err(io::Error::other(format!("descriptor {fd} is not baton's")));
+    }
+    // SAFETY: F_GETFD only asks whether the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the hand-over state gives this open descriptor to this
+    // process, and `Handover::check` refused a state naming one twice, so
+    // nothing else in baton owns it; we become its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(owned)
+}
+
+/// Sets or clears close-on-exec on descriptor `fd` (an upgrade clears it
+/// on exactly the descriptors that cross the exec).
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    let flag = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD works on an integer and touches no memory; a closed
+    // descriptor gives EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flag) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -45,6 +45,19 @@ pub fn pyworker() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("workers/pyworker.py")
 }
 
+/// The Node worker (`server.listen({fd: 3})`), or `None` (after a loud
+/// SKIPPED, or a failure under CI) when `node` is missing.
+pub fn nodeworker() -> Option<Vec<String>> {
+    let present = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    prerequisite("node (Debian's nodejs)", present).then(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("workers/nodeworker.js");
+        vec!["node".to_owned(), script.display().to_string()]
+    })
+}
+
 /// The directory holding the workspace's binaries for this build profile,
 /// built once per test process so `cargo test` alone is enough.
 pub fn bin_dir() -> &'static Path {

@@ -884,3 +884,51 @@ fn kept_values_survive_kill_9_of_baton_through_systemds_file_descriptor_store() 
         ms(took)
     );
 }
+
+#[test]
+fn baton_upgrade_keeps_the_main_pid_and_the_workers_and_serves_under_load() {
+    let Some(rig) = Rig::boot() else { return };
+    let app = App::socket_activated(&rig);
+    let main_pid = app.main_pid();
+    let worker = app.worker_pid();
+    let load = app.load(|c| {
+        c.slow_fraction = 0.05;
+        c.slow_ms = 300;
+    });
+    let mut took = Vec::new();
+    for i in 1..=5u64 {
+        let started = Instant::now();
+        let said = rig.run("baton upgrade --wait --control /run/myapp/baton.sock");
+        took.push(started.elapsed());
+        assert!(said.contains("runs in place"), "{said}");
+        assert_eq!(app.main_pid(), main_pid, "systemd's MAINPID changed");
+        let status = app.status();
+        assert_eq!(status["upgrades"]["ok"], i, "{status}");
+        load.wait_ok(100);
+    }
+    // SIGUSR2 to the main process, the systemd way.
+    rig.run("systemctl kill --kill-whom=main -s USR2 myapp.service");
+    wait_for("SIGUSR2's upgrade", Duration::from_secs(20), || {
+        (app.status()["upgrades"]["ok"] == 6).then_some(())
+    });
+    load.wait_ok(100);
+    // Still one unit, never restarted, the same worker serving.
+    assert_eq!(app.main_pid(), main_pid);
+    assert_eq!(rig.show("myapp.service", "NRestarts"), "0");
+    assert_eq!(rig.show("myapp.service", "ActiveState"), "active");
+    assert_eq!(app.worker_pid(), worker);
+    // A reload after the upgrades still works and is told to systemd.
+    rig.run("systemctl reload myapp");
+    app.wait_answered_by(2);
+    let report = load.finish();
+    print_load(
+        "6 upgrades of baton in place and a reload under load",
+        &report,
+    );
+    eprintln!(
+        "real systemd: `baton upgrade --wait` (min / median / max): {}",
+        spread(took)
+    );
+    report.assert_no_failures();
+    assert!(app.journal().contains("upgraded in place"));
+}

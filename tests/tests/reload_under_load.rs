@@ -3,7 +3,7 @@
 //! request. Every request is counted in one bin by the project's load client;
 //! a single failure fails the test.
 
-use baton_tests::harness::{bin, Baton, Load};
+use baton_tests::harness::{bin, nodeworker, Baton, Load};
 
 /// Reloads `reloads` times under load and checks every request.
 fn reload_under_load(baton: &Baton, reloads: u64) {
@@ -49,6 +49,18 @@ fn reloads_of_a_python_worker_lose_nothing() {
     let baton = Baton::builder()
         .args(["--listen", "http=tcp://127.0.0.1:0"])
         .pyworker("")
+        .start();
+    reload_under_load(&baton, 20);
+}
+
+#[test]
+fn reloads_of_a_node_server_on_fd_3_lose_nothing() {
+    let Some(node) = nodeworker() else { return };
+    let baton = Baton::builder()
+        .args(["--listen", "http=tcp://127.0.0.1:0"])
+        // Node cannot reach NOTIFY_SOCKET on its own.
+        .args(["--ready", "after:100ms"])
+        .worker(node)
         .start();
     reload_under_load(&baton, 20);
 }

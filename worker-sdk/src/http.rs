@@ -28,6 +28,12 @@
 //! it took), so a request the client sent before it saw the GOAWAY is still
 //! served, and the streams in flight finish.
 //!
+//! When hyper is done with a connection it is closed the lingering way
+//! (half-close, read until the client closes, at most two seconds): closed
+//! with a request of the client's still unread, the kernel would answer
+//! with a reset that can swallow the GOAWAY or the response before it, and
+//! the client could not tell that its request was never processed.
+//!
 //! With TLS (feature `tls`, [`Server::tls`]), the handshake happens on the
 //! connection's own task: a handshake in progress when the drain begins
 //! completes, and the connection is then served as any other.
@@ -54,6 +60,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::connections::{self, Drain, Listener};
+use crate::linger;
 
 /// While draining, how long a connection that has sent no request yet may
 /// take to send its first one before it is closed.
@@ -281,38 +288,46 @@ where
             Ok::<_, Infallible>(response)
         }
     });
+    let (io, claim) = linger::hold(io);
     let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        biased;
-        result = conn.as_mut() => return report(result),
-        () = drain.wait() => {}
-    }
-    // An HTTP/2 connection that has served a request gets its GOAWAY now
-    // (see the module docs). Otherwise wait for one more request: the first
-    // one (it may be on its way; a graceful shutdown before it would close
-    // the connection unanswered), or the next one on an idle HTTP/1.1
-    // keep-alive connection. Its response says `Connection: close`. A
-    // request in flight now gets that too, and its connection closes after
-    // it.
-    let at_drain = *seen_rx.borrow_and_update();
-    if at_drain == 0 || !http2.load(Ordering::Relaxed) {
-        let grace = if at_drain == 0 {
-            FIRST_REQUEST_GRACE
-        } else {
-            IDLE_GRACE
-        };
+    let mut conn = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+    // Serve, shutting down gracefully once the drain begins.
+    let result = async {
         tokio::select! {
             biased;
-            result = conn.as_mut() => return report(result),
-            _ = tokio::time::timeout(grace, seen_rx.wait_for(|n| *n > at_drain)) => {}
+            result = conn.as_mut() => return result,
+            () = drain.wait() => {}
         }
+        // An HTTP/2 connection that has served a request gets its GOAWAY now
+        // (see the module docs). Otherwise wait for one more request: the first
+        // one (it may be on its way; a graceful shutdown before it would close
+        // the connection unanswered), or the next one on an idle HTTP/1.1
+        // keep-alive connection. Its response says `Connection: close`. A
+        // request in flight now gets that too, and its connection closes after
+        // it.
+        let at_drain = *seen_rx.borrow_and_update();
+        if at_drain == 0 || !http2.load(Ordering::Relaxed) {
+            let grace = if at_drain == 0 {
+                FIRST_REQUEST_GRACE
+            } else {
+                IDLE_GRACE
+            };
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => return result,
+                _ = tokio::time::timeout(grace, seen_rx.wait_for(|n| *n > at_drain)) => {}
+            }
+        }
+        // HTTP/1.1 idle: closes now; busy: finishes the response, then closes.
+        // HTTP/2: GOAWAY, the open streams finish, then it closes.
+        conn.as_mut().graceful_shutdown();
+        conn.as_mut().await
     }
-    // HTTP/1.1 idle: closes now; busy: finishes the response, then closes.
-    // HTTP/2: GOAWAY, the open streams finish, then it closes.
-    conn.as_mut().graceful_shutdown();
-    report(conn.await);
+    .await;
+    report(result);
+    // hyper is done with the stream: close it the lingering way.
+    drop(conn);
+    claim.close().await;
 }
 
 fn report(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {

@@ -268,6 +268,8 @@ mod drain;
 mod error;
 #[cfg(feature = "axum")]
 pub mod http;
+#[cfg(feature = "axum")]
+mod linger;
 pub mod listen;
 mod listeners;
 pub mod protocol;

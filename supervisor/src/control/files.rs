@@ -125,6 +125,40 @@ impl ControlFiles {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The directory's and the lock file's descriptors, to carry across an
+    /// upgrade's exec.
+    pub fn fds(&self) -> (std::os::fd::RawFd, std::os::fd::RawFd) {
+        (self.dir.fd.as_raw_fd(), self._lock.as_raw_fd())
+    }
+
+    /// Takes over the files a supervisor before an upgrade made: its
+    /// directory's descriptor and its lock file (the lock goes with the
+    /// open file, so taking it again cannot fail while this process holds
+    /// it).
+    pub fn adopt(path: &Path, dir: OwnedFd, lock: OwnedFd) -> Result<ControlFiles, Error> {
+        let name = path.file_name().unwrap_or_default().to_owned();
+        let mut lock_name = name.clone();
+        lock_name.push(".lock");
+        let lock =
+            Flock::lock(File::from(lock), FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+                Error::Control {
+                    path: path.to_path_buf(),
+                    what: "taking over its lock file after an upgrade".into(),
+                    source: e.into(),
+                }
+            })?;
+        Ok(ControlFiles {
+            path: path.to_path_buf(),
+            dir: ControlDir {
+                path: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                fd: dir,
+            },
+            name,
+            lock_name,
+            _lock: lock,
+        })
+    }
 }
 
 impl Drop for ControlFiles {

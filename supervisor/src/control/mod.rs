@@ -10,20 +10,29 @@
 //! room for a new one), so garbage or a crowd of idle clients never stops
 //! baton or its answers. The socket's files are `files.rs`'s.
 //!
+//! During an upgrade of baton the socket stops accepting ([`ControlSocket::pause`])
+//! while it stays open: new clients wait in its accept queue for the new
+//! supervisor, and [`ControlSocket::idle`] waits until every connection
+//! already accepted has been answered. A `baton upgrade --wait` client's
+//! connection is handed to the loop (in [`Event::Upgrade`]) so that the new
+//! supervisor answers it.
+//!
 //! This module never touches supervisor state: requests become events.
 
 mod files;
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::task::AbortHandle;
 
 pub use files::{default_path, MAX_SOCKET_PATH};
 
@@ -49,7 +58,39 @@ pub struct ControlSocket {
     slots: Arc<Semaphore>,
     /// Connections accepted so far (for `--metrics`).
     connections: Arc<AtomicU64>,
-    listener: Option<std::os::unix::net::UnixListener>,
+    /// The listening socket, kept for life (the accept loop has a
+    /// duplicate, so pausing it closes nothing).
+    listener: std::os::unix::net::UnixListener,
+    /// The accept loop, while it runs.
+    accepting: Option<AbortHandle>,
+    /// Connections accepted and not answered yet.
+    busy: Arc<Busy>,
+}
+
+/// Counts connections accepted and not yet answered (or handed to the
+/// loop), and wakes whoever waits for none to be left.
+#[derive(Debug, Default)]
+struct Busy {
+    count: AtomicUsize,
+    none_left: Notify,
+}
+
+/// One connection in [`Busy`]; dropping it counts it out.
+struct BusyGuard(Arc<Busy>);
+
+impl Busy {
+    fn enter(self: &Arc<Busy>) -> BusyGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        BusyGuard(self.clone())
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.none_left.notify_waiters();
+        }
+    }
 }
 
 impl ControlSocket {
@@ -57,12 +98,37 @@ impl ControlSocket {
     /// replacing what a dead one left (see `files.rs` for what is refused).
     pub fn bind(path: &Path) -> Result<ControlSocket, Error> {
         let (files, listener) = files::ControlFiles::create(path)?;
-        Ok(ControlSocket {
+        Ok(ControlSocket::new(files, listener))
+    }
+
+    fn new(files: files::ControlFiles, listener: std::os::unix::net::UnixListener) -> Self {
+        ControlSocket {
             files,
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             connections: Arc::default(),
-            listener: Some(listener),
-        })
+            listener,
+            accepting: None,
+            busy: Arc::default(),
+        }
+    }
+
+    /// Takes over the socket a supervisor before an upgrade bound: its
+    /// listening socket, directory and lock file.
+    pub fn adopt(
+        path: &Path,
+        listener: OwnedFd,
+        dir: OwnedFd,
+        lock: OwnedFd,
+    ) -> Result<ControlSocket, Error> {
+        let files = files::ControlFiles::adopt(path, dir, lock)?;
+        Ok(ControlSocket::new(files, listener.into()))
+    }
+
+    /// The listening socket's, the directory's and the lock file's
+    /// descriptors, to carry across an upgrade's exec.
+    pub fn fds(&self) -> (RawFd, RawFd, RawFd) {
+        let (dir, lock) = self.files.fds();
+        (self.listener.as_raw_fd(), dir, lock)
     }
 
     /// The socket's path.
@@ -71,26 +137,46 @@ impl ControlSocket {
     }
 
     /// Serves connections, sending each request to the loop as an event.
-    /// Runs until the loop goes away.
+    /// Runs until the loop goes away or [`ControlSocket::pause`].
     pub fn serve(&mut self, events: mpsc::Sender<Event>) -> Result<(), Error> {
-        let path = self.path().to_path_buf();
         let error = |source: io::Error| Error::Control {
-            path: path.clone(),
+            path: self.path().to_path_buf(),
             what: "serving".into(),
             source,
         };
-        let std_listener = self
-            .listener
-            .take()
-            .ok_or_else(|| error(io::Error::other("already serving")))?;
-        let listener = UnixListener::from_std(std_listener).map_err(error)?;
-        tokio::spawn(accept_loop(
+        let listener = self.listener.try_clone().map_err(error)?;
+        let listener = UnixListener::from_std(listener).map_err(error)?;
+        let task = tokio::spawn(accept_loop(
             listener,
             self.slots.clone(),
             self.connections.clone(),
+            self.busy.clone(),
             events,
         ));
+        self.accepting = Some(task.abort_handle());
         Ok(())
+    }
+
+    /// Stops accepting: new clients wait in the socket's queue.
+    pub fn pause(&mut self) {
+        if let Some(task) = self.accepting.take() {
+            task.abort();
+        }
+    }
+
+    /// Waits until every connection accepted so far has been answered (or
+    /// handed to the loop), for at most `limit`.
+    pub async fn idle(&self, limit: Duration) {
+        let wait = async {
+            loop {
+                let notified = self.busy.none_left.notified();
+                if self.busy.count.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
     }
 
     /// How many connections were accepted so far, counted as they come.
@@ -110,6 +196,7 @@ async fn accept_loop(
     listener: UnixListener,
     slots: Arc<Semaphore>,
     connections: Arc<AtomicU64>,
+    busy: Arc<Busy>,
     events: mpsc::Sender<Event>,
 ) {
     let me = nix::unistd::geteuid().as_raw();
@@ -131,6 +218,7 @@ async fn accept_loop(
             return;
         }
         connections.fetch_add(1, Ordering::Relaxed);
+        let guard = busy.enter();
         let uid = stream.peer_cred().map(|c| c.uid());
         match uid {
             Ok(uid) if uid == 0 || uid == me => {}
@@ -140,6 +228,7 @@ async fn accept_loop(
                 tokio::spawn(async move {
                     let mut stream = stream;
                     let _ = reply(&mut stream, &answer).await;
+                    drop(guard);
                 });
                 continue;
             }
@@ -154,14 +243,19 @@ async fn accept_loop(
                 oldest.abort();
             }
         }
-        let reader = tokio::spawn(read_request(stream, slots.clone(), events.clone()));
+        let reader = tokio::spawn(read_request(stream, slots.clone(), events.clone(), guard));
         pending.push_back(reader.abort_handle());
     }
 }
 
 /// Reads one request (bounded in size and time), then hands it to a task of
 /// its own that holds one of the answer slots until it has answered.
-async fn read_request(mut stream: UnixStream, slots: Arc<Semaphore>, events: mpsc::Sender<Event>) {
+async fn read_request(
+    mut stream: UnixStream,
+    slots: Arc<Semaphore>,
+    events: mpsc::Sender<Event>,
+    guard: BusyGuard,
+) {
     let mut line = String::new();
     let read = {
         let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST + 1));
@@ -187,6 +281,25 @@ async fn read_request(mut stream: UnixStream, slots: Arc<Semaphore>, events: mps
             return;
         }
     };
+    if let Request::Upgrade { wait: true, binary } = request {
+        // The loop keeps the connection and answers it when the upgrade is
+        // over: this supervisor, or the new one after the exec.
+        let client = stream
+            .into_std()
+            .and_then(|s| s.set_nonblocking(false).map(|()| OwnedFd::from(s)));
+        match client {
+            Ok(client) => {
+                let upgrade = Event::Upgrade {
+                    binary,
+                    client: Some(client),
+                };
+                let _ = events.send(upgrade).await;
+            }
+            Err(e) => tracing::warn!("control socket: keeping an upgrade's client: {e}"),
+        }
+        drop(guard);
+        return;
+    }
     // Answers that wait (a reload's outcome, a stop) hold a slot; a status
     // is answered at once and needs none, so waiters never crowd it out.
     let waits = matches!(
@@ -208,18 +321,33 @@ async fn read_request(mut stream: UnixStream, slots: Arc<Semaphore>, events: mps
     // Not aborted with the readers: a `reload --wait` may take a while.
     tokio::spawn(async move {
         let (tx, rx) = oneshot::channel();
-        let answer = if events
-            .send(Event::Control { request, reply: tx })
-            .await
-            .is_err()
-        {
-            Reply::Refused("baton is shutting down".into())
-        } else {
-            rx.await
-                .unwrap_or_else(|_| Reply::Refused("baton is shutting down".into()))
+        let sent = events.send(Event::Control { request, reply: tx }).await;
+        // A waiting request does not hold up an upgrade: it is in the loop's
+        // hands (which lets it go first, or answers it).
+        let guard = (!waits).then_some(guard);
+        let answer = match sent {
+            Err(_) => Reply::Refused("baton is shutting down".into()),
+            Ok(()) => rx
+                .await
+                .unwrap_or_else(|_| Reply::Refused("baton is shutting down".into())),
         };
         let _ = reply(&mut stream, &answer).await;
         drop(slot);
+        drop(guard);
+    });
+}
+
+/// Answers `answer` on a client's connection that the loop kept (an
+/// `upgrade --wait`), in a task of its own.
+pub fn answer(client: OwnedFd, answer: Reply) {
+    tokio::spawn(async move {
+        let std = std::os::unix::net::UnixStream::from(client);
+        if std.set_nonblocking(true).is_err() {
+            return;
+        }
+        if let Ok(mut stream) = UnixStream::from_std(std) {
+            let _ = reply(&mut stream, &answer).await;
+        }
     });
 }
 

@@ -75,6 +75,7 @@ impl<H: Host> Supervisor<H> {
             self.host.arm(limit, crate::event::Event::StopTimeout);
         }
         self.host.systemd("STOPPING=1");
+        self.abandon_upgrade("baton is stopping");
         if let Some(number) = self.reloads.in_flight.as_ref().map(|f| f.generation) {
             self.begin_drain(number, "baton is stopping");
             self.finish_in_flight(number, Err(Failure::Stopping));
@@ -105,6 +106,9 @@ impl<H: Host> Supervisor<H> {
     /// Child `pid` exited: the build, a generation's worker, or an orphan
     /// of a worker re-parented to baton.
     pub(super) fn on_exit(&mut self, pid: Pid, exit: Exit) {
+        if self.on_preflight_exit(pid, exit) {
+            return;
+        }
         let is_build = matches!(
             self.reloads.in_flight.as_ref().map(|f| &f.step),
             Some(Step::Building(b)) if b.pid == pid
@@ -121,7 +125,7 @@ impl<H: Host> Supervisor<H> {
             return;
         };
         for timer in &g.timers {
-            self.host.cancel(*timer);
+            self.host.cancel(timer.id);
         }
         self.host.forget(number);
         let exec_failure = self.host.exec_failure(pid);

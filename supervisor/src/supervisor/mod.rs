@@ -10,7 +10,9 @@
 //! trigger to outcome, with where it stands as one `Step`; `restart.rs` is
 //! the crash restart beside it; `handoff.rs` is
 //! kept values (freeze, snapshot, thaw, checkpoints); `lifecycle.rs` is
-//! drains, stops, exits and deadlines; `messages.rs` is what workers say.
+//! drains, stops, exits and deadlines; `messages.rs` is what workers say;
+//! `upgrade.rs` is an upgrade of baton itself (the table exported to, and
+//! rebuilt from, the hand-over state).
 //! Generation phases change only in those `impl Supervisor` blocks.
 //!
 //! The reload sequence (docs/design.md, "Generation lifecycle"): a trigger starts
@@ -28,6 +30,7 @@ mod restart;
 mod steer;
 #[cfg(test)]
 mod tests;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +48,7 @@ use crate::spawn::WorkerCommand;
 use crate::state::Snapshot;
 
 use reload::Reloads;
+use upgrade::Upgrades;
 
 /// How a plain worker (one that does not notify) is judged ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +113,10 @@ pub enum Outcome {
     StopTimedOut(Duration),
     /// The first generation never served.
     FirstGenerationFailed(String),
+    /// An upgrade's pre-flight passed: the caller quiets the control
+    /// socket, then calls [`Supervisor::exec_upgrade`] and serves again if
+    /// that returns.
+    Upgrade,
 }
 
 /// The state the event loop owns.
@@ -133,6 +141,8 @@ pub struct Supervisor<H: Host> {
     publish: Option<watch::Sender<Metrics>>,
     /// `--stop-timeout` ran out.
     stop_timed_out: bool,
+    /// Upgrades of baton itself.
+    upgrades: Upgrades,
 }
 
 impl<H: Host> Supervisor<H> {
@@ -152,6 +162,7 @@ impl<H: Host> Supervisor<H> {
             metrics: Metrics::default(),
             publish: None,
             stop_timed_out: false,
+            upgrades: Upgrades::default(),
         }
     }
 
@@ -199,9 +210,13 @@ impl<H: Host> Supervisor<H> {
         self.stopping && self.generations.is_empty()
     }
 
-    /// Handles events until every generation has exited after a stop.
-    pub async fn serve(&mut self, mut events: mpsc::Receiver<Event>) -> Outcome {
+    /// Handles events until every generation has exited after a stop, or
+    /// an upgrade is due ([`Outcome::Upgrade`]: call `serve` again after).
+    pub async fn serve(&mut self, events: &mut mpsc::Receiver<Event>) -> Outcome {
         while !self.is_done() {
+            if self.upgrade_due() {
+                return Outcome::Upgrade;
+            }
             // The host holds a sender itself, so the queue never closes.
             let Some(event) = events.recv().await else {
                 break;
@@ -229,6 +244,7 @@ impl<H: Host> Supervisor<H> {
     /// Reacts to one event.
     pub fn handle(&mut self, event: Event) {
         self.react(event);
+        self.advance_upgrade();
         self.publish();
     }
 
@@ -282,6 +298,8 @@ impl<H: Host> Supervisor<H> {
             Event::BuildOutput { generation, tail } => self.on_build_output(generation, tail),
             Event::BuildOutputLate { generation } => self.on_build_output_late(generation),
             Event::RestartDue { seq } => self.on_restart_due(seq),
+            Event::Upgrade { binary, client } => self.request_upgrade(binary, client),
+            Event::PreflightTimeout { seq } => self.on_preflight_timeout(seq),
             Event::StopTimeout => self.on_stop_timeout(),
         }
     }
@@ -311,6 +329,14 @@ impl<H: Host> Supervisor<H> {
                 self.begin_stop();
                 if now {
                     self.kill_all();
+                }
+            }
+            Request::Upgrade { binary, .. } => {
+                if self.stopping {
+                    let _ = reply.send(Reply::Refused("baton is stopping".into()));
+                } else {
+                    self.request_upgrade(binary, None);
+                    let _ = reply.send(Reply::Queued);
                 }
             }
         }
@@ -357,6 +383,10 @@ impl<H: Host> Supervisor<H> {
                 generation: k.generation,
                 bytes: k.bytes,
             }),
+            version: env!("CARGO_PKG_VERSION").into(),
+            upgrades: self.upgrades.counts,
+            last_upgrade: self.upgrades.last.clone(),
+            upgrading: self.upgrading(),
         }
     }
 
@@ -388,7 +418,11 @@ impl<H: Host> Supervisor<H> {
             },
         );
         match self.generations.get_mut(number) {
-            Some(g) => g.timers.push(id),
+            Some(g) => g.timers.push(crate::generations::Deadline {
+                id,
+                timer,
+                at: std::time::Instant::now() + delay,
+            }),
             None => self.host.cancel(id),
         }
     }

@@ -141,6 +141,10 @@ impl<H: Host> Supervisor<H> {
         if self.stopping || self.reloads.in_flight.is_some() || self.reloads.queued.is_none() {
             return;
         }
+        if self.upgrades.holds_reloads() {
+            tracing::info!("reload waits: baton is upgrading itself");
+            return;
+        }
         let draining = self.generations.numbers_in(Phase::Draining).len();
         if draining >= self.config.max_draining {
             tracing::info!(
@@ -350,7 +354,7 @@ impl<H: Host> Supervisor<H> {
         let timers = std::mem::take(&mut g.timers);
         tracing::info!("generation {number} (pid {}) is ready ({how})", g.pid);
         for timer in timers {
-            self.host.cancel(timer);
+            self.host.cancel(timer.id);
         }
         if self.config.steer_grace.is_some() {
             self.host.steer_to(number);

@@ -7,7 +7,8 @@
 //! The parts: `strategy` (the strategies, the load mix, one round),
 //! `figures` (reload latency beside `hello`'s own start-up, RSS and
 //! descriptors over many reloads, data path cost), `protocols` (the data
-//! path cost over h2c and HTTPS), `crate::state_cost` (the
+//! path cost over h2c and HTTPS), `upgrade` (an upgrade of baton itself
+//! beside a reload, and the load's latency during each), `crate::state_cost` (the
 //! state hand-over cost), `baton` (a supervisor driven over its control
 //! socket), `procs` (child guards, binaries, `/proc`), `stats` (medians,
 //! quantiles, tables) and `sys` (the only `unsafe`: fd 3 and
@@ -27,6 +28,7 @@ pub mod procs;
 pub mod protocols;
 pub mod stats;
 pub mod strategy;
+pub mod upgrade;
 
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,8 @@ pub enum Section {
     DataPath,
     /// State handoff cost.
     Handoff,
+    /// Upgrading baton itself beside a reload.
+    Upgrade,
 }
 
 impl Section {
@@ -77,6 +81,7 @@ impl Section {
             "reloads" => Some(Section::Reloads),
             "data-path" => Some(Section::DataPath),
             "handoff" => Some(Section::Handoff),
+            "upgrade" => Some(Section::Upgrade),
             _ => None,
         }
     }
@@ -248,6 +253,28 @@ pub fn run(config: &Config) -> Result<Outcome, String> {
             outcome.baton_failed_requests += path.baton_failures;
             outcome.baton_requests += path.baton_requests;
         }
+    }
+
+    if wants(Section::Upgrade) {
+        progress("upgrades of baton itself beside reloads, under load");
+        let per_phase = if config.smoke { 5 } else { 30 };
+        let figures = upgrade::measure(
+            &bins,
+            &runtime,
+            &config.load,
+            config.rounds,
+            per_phase,
+            Duration::from_millis(100),
+        )?;
+        upgrade::print(&figures);
+        let (requests, upgrades) = upgrade::failures(&figures);
+        outcome.baton_failed_requests += requests;
+        outcome.baton_failed_reloads += upgrades;
+        outcome.baton_requests += figures
+            .loads
+            .iter()
+            .map(|(_, r)| r.counts.total())
+            .sum::<u64>();
     }
 
     if wants(Section::Handoff) {

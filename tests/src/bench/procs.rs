@@ -69,7 +69,7 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `cmd` as `name` (for messages), with fd 3 set up as
-    /// [`crate::sys::spawn`] describes.
+    /// `crate::sys::spawn` describes.
     pub fn spawn(
         name: &str,
         cmd: &mut Command,

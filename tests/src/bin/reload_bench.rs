@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use baton_tests::bench::{self, Config, Section};
 
 const USAGE: &str =
-    "usage: reload-bench [--smoke] [--rounds N] [--only strategies|reloads|data-path|handoff]";
+    "usage: reload-bench [--smoke] [--rounds N] [--only strategies|reloads|data-path|handoff|upgrade]";
 
 fn main() -> ExitCode {
     let config = match parse(std::env::args().skip(1)) {

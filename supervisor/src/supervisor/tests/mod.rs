@@ -7,11 +7,13 @@
 //!
 //! `reloads.rs`: starting, reloading, building, crash restarts, stopping;
 //! `handoff.rs`: what workers say, and kept values; `steer.rs`: `--steer`'s
-//! grace before the drain signal.
+//! grace before the drain signal; `upgrade.rs`: upgrades of baton itself,
+//! and the table's round trip through the hand-over state.
 
 mod handoff;
 mod reloads;
 mod steer;
+mod upgrade;
 
 use std::collections::HashSet;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -30,6 +32,7 @@ use crate::event::{Event, Exit, NotifyMessage, Timer};
 use crate::generations::Phase;
 use crate::host::{Host, TimerId};
 use crate::spawn::WorkerCommand;
+use crate::upgrade::state::Table;
 
 /// What the loop asked of the outside world.
 #[derive(Default)]
@@ -57,6 +60,14 @@ pub(super) struct Fake {
     pub(super) steered: Vec<u64>,
     /// `--steer`: generations with connections waiting in their queue.
     pub(super) queued: HashSet<u64>,
+    /// Pre-flights started: their binary and the table they were given.
+    pub(super) preflights: Vec<(Pid, std::path::PathBuf, Table)>,
+    /// What the next pre-flight verdict is.
+    pub(super) verdict: Option<Result<String, String>>,
+    /// Execs asked for: the binary and the table (each "fails").
+    pub(super) execs: Vec<(std::path::PathBuf, Table)>,
+    /// Answers to kept clients.
+    pub(super) answers: Vec<Reply>,
 }
 
 impl Host for Fake {
@@ -136,6 +147,25 @@ impl Host for Fake {
     }
     fn steered_queue(&self, number: u64) -> bool {
         self.queued.contains(&number)
+    }
+    fn default_binary(&self) -> std::path::PathBuf {
+        "/usr/bin/baton".into()
+    }
+    fn spawn_preflight(&mut self, binary: &std::path::Path, table: &Table) -> Result<Pid, String> {
+        self.next_pid += 1;
+        let pid = Pid::from_raw(1000 + self.next_pid);
+        self.preflights.push((pid, binary.into(), table.clone()));
+        Ok(pid)
+    }
+    fn preflight_verdict(&mut self, _pid: Pid, _exit: Exit) -> Result<String, String> {
+        self.verdict.take().unwrap_or_else(|| Ok("9.9.9".into()))
+    }
+    fn exec(&mut self, binary: &std::path::Path, table: Table) -> String {
+        self.execs.push((binary.into(), table));
+        "executing it: the fake host cannot".into()
+    }
+    fn answer(&mut self, _client: OwnedFd, reply: Reply) {
+        self.answers.push(reply);
     }
 }
 

@@ -1,0 +1,283 @@
+//! Upgrades of baton itself on the fake host: the pre-flight, what waits
+//! for what, failures answered with their reason, and the generation
+//! table's round trip through the hand-over state (phases, timers with the
+//! time they had left, kept values, counters).
+
+use std::time::Duration;
+
+use baton_worker::protocol::WorkerMessage;
+
+use super::{config, snapshot, Fake, Rig};
+use crate::api::{Reply, Request};
+use crate::event::{Event, Exit, Timer};
+use crate::generations::Phase;
+use crate::state::Snapshot;
+use crate::supervisor::Supervisor;
+use crate::upgrade::state::{Handover, HostFds, STATE_VERSION};
+
+fn upgrade(rig: &mut Rig, binary: &str, wait: bool) {
+    let client = wait.then(OwnedFdOf::pipe);
+    rig.sv.handle(Event::Upgrade {
+        binary: Some(binary.into()),
+        client,
+    });
+}
+
+/// A descriptor to stand for a waiting client's connection.
+struct OwnedFdOf;
+impl OwnedFdOf {
+    fn pipe() -> std::os::fd::OwnedFd {
+        nix::unistd::pipe().expect("pipe").0
+    }
+}
+
+fn step(rig: &mut Rig) -> Option<String> {
+    rig.status().upgrading.map(|u| u.step)
+}
+
+fn preflight_exits(rig: &mut Rig, exit: Exit) {
+    let (pid, _, _) = rig.host().preflights.last().cloned().expect("a pre-flight");
+    rig.exit_pid(pid, exit);
+}
+
+#[test]
+fn the_preflight_runs_first_and_a_failed_exec_leaves_baton_serving() {
+    let mut rig = Rig::serving();
+    upgrade(&mut rig, "/opt/new/baton", true);
+    assert_eq!(step(&mut rig).as_deref(), Some("preflight"));
+    assert_eq!(
+        rig.host().preflights[0].1,
+        std::path::Path::new("/opt/new/baton")
+    );
+    preflight_exits(&mut rig, Exit::Code(0));
+    assert!(rig.sv.upgrade_due());
+    assert_eq!(step(&mut rig).as_deref(), Some("exec"));
+    rig.sv.exec_upgrade();
+    assert_eq!(rig.host().execs.len(), 1);
+    // The fake's exec "fails": the upgrade fails, baton serves on.
+    let status = rig.status();
+    assert_eq!((status.upgrades.ok, status.upgrades.failed), (0, 1));
+    assert!(status.upgrading.is_none());
+    assert_eq!(rig.phase(1), Some(Phase::Serving));
+    match &rig.host().answers[..] {
+        [Reply::Upgrade(u)] => {
+            assert!(!u.ok);
+            assert!(u.error.as_deref().unwrap_or("").contains("fake host"));
+        }
+        other => panic!("the waiting client got {other:?}"),
+    }
+}
+
+#[test]
+fn a_refused_preflight_fails_the_upgrade_with_its_reason() {
+    let mut rig = Rig::serving();
+    upgrade(&mut rig, "/bin/false", true);
+    rig.host().verdict = Some(Err("its check of the state exited with status 1".into()));
+    preflight_exits(&mut rig, Exit::Code(1));
+    assert!(!rig.sv.upgrade_due());
+    let last = rig.status().last_upgrade.expect("a result");
+    assert!(!last.ok);
+    assert!(last.error.unwrap_or_default().contains("status 1"));
+    assert_eq!(last.binary, "/bin/false");
+    assert!(rig.host().execs.is_empty());
+}
+
+#[test]
+fn an_upgrade_waits_for_a_reload_and_a_reload_waits_for_the_preflight() {
+    let mut rig = Rig::serving();
+    let mut reload = rig.reload();
+    upgrade(&mut rig, "/opt/new/baton", false);
+    assert_eq!(step(&mut rig).as_deref(), Some("queued"));
+    assert!(rig.host().preflights.is_empty());
+    rig.ready(2);
+    assert!(super::outcome(&mut reload).ok);
+    assert_eq!(step(&mut rig).as_deref(), Some("preflight"));
+    // A SIGHUP now waits for the pre-flight.
+    rig.sv.handle(Event::Reload);
+    assert_eq!(rig.host().workers.len(), 2, "no generation 3 yet");
+    assert!(rig.status().reload_queued);
+    // A reload nobody waits for crosses the exec.
+    preflight_exits(&mut rig, Exit::Code(0));
+    rig.sv.exec_upgrade();
+    assert!(rig.host().execs[0].1.reload_queued);
+    // The exec failed: the reload goes now.
+    assert_eq!(rig.host().workers.len(), 3);
+}
+
+#[test]
+fn a_reload_someone_waits_for_goes_before_the_exec() {
+    let mut rig = Rig::serving();
+    upgrade(&mut rig, "/opt/new/baton", false);
+    let mut reload = rig.reload();
+    preflight_exits(&mut rig, Exit::Code(0));
+    rig.sv.exec_upgrade();
+    assert!(
+        rig.host().execs.is_empty(),
+        "no exec while a client waits for a reload"
+    );
+    assert_eq!(rig.host().workers.len(), 2);
+    rig.ready(2);
+    assert!(super::outcome(&mut reload).ok);
+    // Then the upgrade checks the new table again.
+    assert_eq!(rig.host().preflights.len(), 2);
+}
+
+#[test]
+fn a_stop_abandons_the_upgrade_and_kills_its_preflight() {
+    let mut rig = Rig::serving();
+    upgrade(&mut rig, "/opt/new/baton", true);
+    let (pid, _, _) = rig.host().preflights[0].clone();
+    drop(rig.request(Request::Stop { now: false }));
+    assert!(rig.host().killed.contains(&pid));
+    assert!(matches!(&rig.host().answers[..], [Reply::Upgrade(u)] if !u.ok));
+    // Asked while stopping: refused at once.
+    upgrade(&mut rig, "/opt/new/baton", true);
+    assert!(matches!(rig.host().answers.last(), Some(Reply::Refused(_))));
+}
+
+#[test]
+fn a_second_upgrade_to_another_binary_is_refused() {
+    let mut rig = Rig::serving();
+    upgrade(&mut rig, "/opt/a/baton", true);
+    upgrade(&mut rig, "/opt/b/baton", true);
+    assert!(matches!(&rig.host().answers[..], [Reply::Refused(why)] if why.contains("/opt/a")));
+    upgrade(&mut rig, "/opt/a/baton", true);
+    assert_eq!(rig.host().preflights.len(), 1);
+}
+
+#[test]
+fn the_table_survives_the_hand_over_state_with_its_deadlines() {
+    // Generation 1 drains with its deadline armed, generation 2 serves with
+    // a checkpoint kept, and one reload failed before.
+    let mut rig = Rig::serving();
+    rig.hello(1);
+    let mut reload = rig.reload();
+    rig.hello(2);
+    rig.ready(2);
+    assert!(super::outcome(&mut reload).ok);
+    rig.say_with(
+        2,
+        WorkerMessage::Checkpoint { bytes: 12 },
+        vec![snapshot(12)],
+    );
+    rig.sv.handle(Event::Notify {
+        generation: 2,
+        message: crate::event::NotifyMessage {
+            status: Some("42 clients".into()),
+            ..Default::default()
+        },
+    });
+    upgrade(&mut rig, "/opt/new/baton", false);
+    let table = rig.host().preflights[0].2.clone();
+    assert_eq!(table.generations.len(), 2);
+    let old = &table.generations[0];
+    assert_eq!((old.number, old.phase), (1, Phase::Draining));
+    assert_eq!(old.timers.len(), 1);
+    assert_eq!(old.timers[0].timer, Timer::DrainTimeout);
+    assert!(old.timers[0].remaining_ms <= 30_000 && old.timers[0].remaining_ms > 29_000);
+
+    // Through JSON, as it crosses the exec.
+    let state = Handover {
+        version: STATE_VERSION,
+        baton_version: "0.0.1".into(),
+        written_at_ns: 0,
+        table: table.clone(),
+        host: HostFds {
+            listeners: Vec::new(),
+            workers: Vec::new(),
+            run_dir: "/run/baton-x".into(),
+            control: crate::upgrade::state::CarriedControl {
+                path: "/run/baton.sock".into(),
+                listener: 90_001,
+                dir: 90_002,
+                lock: 90_003,
+            },
+            metrics: None,
+            default_binary: "/usr/bin/baton".into(),
+        },
+    };
+    let json = serde_json::to_string(&state).expect("json");
+    // An older writer that knew none of the fields added with defaults.
+    let mut older: serde_json::Value = serde_json::from_str(&json).expect("json");
+    for field in ["reload_queued", "upgrades", "last_upgrade"] {
+        older["table"].as_object_mut().expect("table").remove(field);
+    }
+    let older = Handover::parse(&older.to_string()).expect("an older state reads");
+    assert!(!older.table.reload_queued && older.table.upgrades.ok == 0);
+    let mut state = Handover::parse(&json).expect("reads");
+    state.table.kept = None;
+
+    let mut new = Supervisor::new(config(), Fake::default());
+    let kept = Snapshot::accept(2, 12, vec![snapshot(12)], 1 << 20).expect("kept");
+    let gap = Duration::from_millis(250);
+    new.import(
+        state.table,
+        gap,
+        kept,
+        vec![OwnedFdOf::pipe()],
+        "0.0.1".into(),
+    );
+    let status = new.status();
+    assert_eq!(status.generation, Some(2));
+    assert_eq!(status.generations.len(), 2);
+    assert_eq!(status.generations[0].state, Phase::Draining);
+    assert_eq!(status.generations[1].status.as_deref(), Some("42 clients"));
+    assert_eq!(status.kept.map(|k| (k.generation, k.bytes)), Some((2, 12)));
+    assert_eq!(status.reloads.ok, 1);
+    assert_eq!((status.upgrades.ok, status.upgrades.failed), (1, 0));
+    let last = status.last_upgrade.expect("counted");
+    assert!(last.ok && last.from == "0.0.1");
+    // The deadline is re-armed with what it had left, less the gap.
+    let armed: Vec<_> = new.host.timers.iter().map(|(_, d, e)| (*d, e)).collect();
+    match armed[..] {
+        [(
+            delay,
+            Event::Timer {
+                generation: 1,
+                timer: Timer::DrainTimeout,
+            },
+        )] => {
+            assert!(delay <= Duration::from_millis(old.timers[0].remaining_ms) - gap);
+        }
+        _ => panic!("armed: {armed:?}"),
+    }
+    assert!(matches!(&new.host.answers[..], [Reply::Upgrade(u)] if u.ok));
+    // The new table exports as the old one did (times aside).
+    let again = new.export(&dummy_pending());
+    let strip = |t: &crate::upgrade::state::Table| {
+        t.generations
+            .iter()
+            .map(|g| {
+                (
+                    g.number,
+                    g.pid,
+                    g.phase,
+                    g.speaks_protocol,
+                    g.status.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&again), strip(&table));
+    assert_eq!(again.next_generation, table.next_generation);
+    // It drains on: the deadline fires, the worker is killed.
+    new.handle(Event::Timer {
+        generation: 1,
+        timer: Timer::DrainTimeout,
+    });
+    assert_eq!(new.host.killed.len(), 1);
+}
+
+fn dummy_pending() -> crate::supervisor::upgrade::Pending {
+    crate::supervisor::upgrade::Pending::for_tests("/opt/new/baton".into())
+}
+
+#[test]
+fn an_older_state_reads_and_a_newer_one_is_refused_with_why() {
+    let newer = r#"{"version":99,"baton_version":"9.0.0","later":true}"#;
+    let why = Handover::parse(newer).expect_err("refused");
+    assert!(why.contains("version 99") && why.contains("newer"), "{why}");
+    assert!(Handover::parse("not json")
+        .expect_err("refused")
+        .contains("not a baton"));
+}
