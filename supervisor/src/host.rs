@@ -268,6 +268,7 @@ impl OsHost {
                 },
                 metrics: self.upgrade.metrics,
                 default_binary: self.upgrade.default_binary.clone(),
+                steer: self.steer.as_ref().map(Steer::carry),
             },
         }
     }

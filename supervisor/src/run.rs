@@ -62,14 +62,25 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
             drop(activated);
             use_fd_store(&systemd, &listeners);
-            (listeners, steer, kept, ControlSocket::bind(&config.control)?)
+            (
+                listeners,
+                steer,
+                kept,
+                ControlSocket::bind(&config.control)?,
+            )
         }
         Some(state) => {
             let mut activated = upgrade::adopt::listeners(state, &config.listeners)?;
             let listeners = bind_listeners(&config, &mut activated)?;
-            let steer = match config.steer_grace {
-                Some(_) => Some(Steer::new(&listeners, &mut activated)?),
-                None => None,
+            // The twins, sides and target cross the exec; a state without
+            // them (no --steer before) gets twins bound now.
+            let steer = match (
+                config.steer_grace,
+                upgrade::adopt::steer(state, &listeners)?,
+            ) {
+                (Some(_), Some(steer)) => Some(steer),
+                (Some(_), None) => Some(Steer::new(&listeners, &mut activated)?),
+                (None, _) => None,
             };
             let kept = upgrade::adopt::kept(state, config.max_state)?;
             (listeners, steer, kept, upgrade::adopt::control(state)?)

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use baton_worker::protocol::ListenerKind;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -29,10 +29,12 @@ use nix::sys::socket::{setsockopt, sockopt::AttachReusePortCbpf};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::listener::{Activated, Listener, BACKLOG};
+use crate::upgrade::state::CarriedSteer;
 use crate::Error;
 
 /// One socket of each steered pair: its index in the reuseport group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Side {
     /// The listener's own socket, first in its group.
     A,
@@ -108,6 +110,71 @@ impl Steer {
             ))
         })?;
         Ok(steer)
+    }
+
+    /// After an upgrade's exec: the twins the old supervisor held (by
+    /// listener position), each generation's side and the side new
+    /// connections go to, as [`Steer::carry`] described them. The steering
+    /// program belongs to each group and the group lived on (baton and the
+    /// workers held its sockets through the exec), so it is still attached;
+    /// it is attached again anyway, which is idempotent, so that a
+    /// mismatch cannot survive the upgrade. Refuses a twin of a listener
+    /// that is not TCP or not there.
+    pub fn adopt(
+        twins: Vec<(usize, OwnedFd)>,
+        carried: &CarriedSteer,
+        listeners: &[Listener],
+    ) -> Result<Steer, Error> {
+        let mut kept = Vec::new();
+        for (listener, fd) in twins {
+            match listeners.get(listener) {
+                Some(l) if l.kind == ListenerKind::Tcp => kept.push(Twin { listener, fd }),
+                Some(l) => {
+                    return Err(Error::Steer(format!(
+                        "the hand-over state names a second socket for listener `{}`, which \
+                         is not TCP",
+                        l.name
+                    )))
+                }
+                None => {
+                    return Err(Error::Steer(format!(
+                        "the hand-over state names a second socket for listener {listener}, \
+                         but there are {} listeners",
+                        listeners.len()
+                    )))
+                }
+            }
+        }
+        let mut steer = Steer {
+            twins: kept,
+            sides: carried.sides.iter().copied().collect(),
+            target: carried.target,
+        };
+        steer.aim(carried.target).map_err(|e| {
+            Error::Steer(format!(
+                "attaching the steering program again after the upgrade: {e}"
+            ))
+        })?;
+        tracing::info!(
+            "--steer: took over {} second socket(s); new connections go to side {:?}",
+            steer.twins.len(),
+            steer.target
+        );
+        Ok(steer)
+    }
+
+    /// What crosses an upgrade's exec: each twin's descriptor, each living
+    /// generation's side, and the side new connections go to.
+    pub fn carry(&self) -> CarriedSteer {
+        CarriedSteer {
+            twins: self
+                .twins
+                .iter()
+                .map(|t| (t.listener, t.fd.as_raw_fd()))
+                .collect(),
+            sides: self.sides.iter().map(|(n, s)| (*n, *s)).collect(),
+            target: self.target,
+        }
     }
 
     /// Chooses the side generation `number` starts on: the side new
