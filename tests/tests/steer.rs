@@ -5,7 +5,10 @@
 //! `--steer-grace` before its drain signal. Without `--steer` each of them
 //! fails requests in the same storm: `steer-bench` shows both side by side.
 //! Puma keeps one failure `--steer` cannot reach (see its ignored test).
-//! Puma and uvicorn come from `.ci/run` (Debian's `puma`, uvicorn in
+//! Steering crosses `baton upgrade`: reloads and upgrades interleaved under
+//! load, each upgrade during a replaced generation's grace, lose nothing,
+//! and fresh connections still reach only the newest generation after each
+//! exec. Puma and uvicorn come from `.ci/run` (Debian's `puma`, uvicorn in
 //! `target/ci-venv`); missing under `CI=true`, the test fails.
 
 use baton_tests::harness::{self, Baton};
@@ -168,4 +171,92 @@ fn steer_pairs_a_socket_activated_listener_with_one_it_binds() {
 #[test]
 fn steer_takes_a_second_socket_systemd_passed_under_the_same_name() {
     activated_steer_reloads(2, "its second socket is the one systemd passed");
+}
+
+/// Every one of `n` requests, each on a fresh connection, is answered by
+/// generation `newest`.
+fn fresh_connections_reach(addr: &str, newest: u64, n: usize) {
+    for i in 0..n {
+        let body = baton_tests::http::get_json(addr, "/", baton_tests::http::TIMEOUT)
+            .unwrap_or_else(|e| panic!("fresh request {i}: {e}"));
+        assert_eq!(
+            body["generation"].as_u64(),
+            Some(newest),
+            "fresh request {i} reached an older generation: {body}"
+        );
+    }
+}
+
+#[test]
+fn steering_crosses_ten_upgrades_interleaved_with_ten_reloads_under_load() {
+    let baton = Baton::builder()
+        .args([
+            "--listen",
+            "http=tcp://127.0.0.1:0",
+            "--steer",
+            "--steer-grace",
+            "400ms",
+        ])
+        .pyworker("")
+        .start();
+    let pid = baton.pid();
+    let addr = baton.address("http");
+    let load = harness::Load::http(&baton, "http", |c| {
+        c.concurrency = 8;
+        c.keep_alive_fraction = 0.5;
+        c.slow_fraction = 0.0;
+    });
+    load.wait_ok(30);
+    let mut fds_first = 0;
+    for i in 0..10u64 {
+        let newest = baton.reload_ok();
+        assert_eq!(newest, i + 2);
+        // At once, while the replaced generation is in its grace (still
+        // alive on the other socket): its grace crosses the exec.
+        let out = baton.cli(&["upgrade", "--wait"]);
+        assert!(
+            out.status.success(),
+            "upgrade {i}: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            baton.log()
+        );
+        let status = baton.status();
+        assert_eq!(status["pid"], pid, "the same baton process");
+        assert_eq!(status["upgrades"]["ok"], i + 1);
+        assert_eq!(status["generation"], newest);
+        // Steering still holds after the exec: were the program or a side
+        // lost, about half of these would reach the other socket.
+        fresh_connections_reach(&addr, newest, 20);
+        if i == 0 {
+            fds_first = baton_tests::bench::procs::settled_fd_count(pid as u32).expect("fds");
+        }
+        load.wait_ok(20);
+    }
+    let report = load.finish();
+    eprintln!("{report}");
+    report.assert_no_failures();
+    assert!(report.generations.len() >= 10, "{report}");
+    // The grace carried across each exec still ends in a drain.
+    baton.wait_settled();
+    assert_eq!(
+        baton.status()["generations"].as_array().map(Vec::len),
+        Some(1)
+    );
+    let fds_last = baton_tests::bench::procs::settled_fd_count(pid as u32).expect("fds");
+    assert!(
+        fds_last < fds_first + 5,
+        "descriptors grow across upgrades: {fds_first} -> {fds_last}"
+    );
+    fresh_connections_reach(&addr, 11, 10);
+    let log = baton.log();
+    assert_eq!(
+        log.matches("--steer: took over 1 second socket(s)").count(),
+        10,
+        "each upgrade takes the twin over rather than binding one"
+    );
+    assert_eq!(
+        log.matches("bound its second socket on").count(),
+        1,
+        "a second socket bound after an upgrade: {log}"
+    );
 }
