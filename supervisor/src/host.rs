@@ -17,7 +17,7 @@
 //! and takes them over again in the new supervisor ([`OsHost::adopt_worker`]).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +38,8 @@ use crate::notify::{self, Systemd};
 use crate::spawn::{Launcher, SocketFile};
 use crate::steer::Steer;
 use crate::upgrade::{self, preflight, state::Table};
+
+mod handover;
 
 /// A pending deadline, to cancel it.
 pub type TimerId = u64;
@@ -173,33 +175,6 @@ impl OsHost {
         }
     }
 
-    /// Sets what an upgrade needs beyond the host's own descriptors.
-    pub fn upgrade_context(&mut self, context: upgrade::Context) {
-        self.upgrade = context;
-    }
-
-    /// Takes over generation `number`'s channel and notify socket from the
-    /// supervisor before an upgrade, and reads them again.
-    pub fn adopt_worker(
-        &mut self,
-        number: u64,
-        channel: OwnedFd,
-        notify: OwnedFd,
-        carried: &upgrade::state::CarriedWorker,
-    ) -> Result<(), String> {
-        let channel = Arc::new(crate::sys::async_fd(channel).map_err(|e| e.to_string())?);
-        let socket = notify.try_clone().map_err(|e| e.to_string())?;
-        self.watch(
-            number,
-            channel,
-            notify,
-            std::os::unix::net::UnixDatagram::from(socket),
-            carried.notify_uid,
-            SocketFile::adopt(carried.notify_path.clone()),
-        );
-        Ok(())
-    }
-
     /// Reads generation `number`'s notify socket and channel into events.
     fn watch(
         &mut self,
@@ -229,48 +204,6 @@ impl OsHost {
             notify_file,
         };
         self.workers.insert(number, worker);
-    }
-
-    /// The hand-over state: `table` and which descriptor is what.
-    fn handover(&self, table: Table) -> upgrade::state::Handover {
-        use upgrade::state::{CarriedControl, CarriedWorker, Handover, HostFds, STATE_VERSION};
-        let (path, listener, dir, lock) = self.upgrade.control.clone().unwrap_or_default();
-        let mut workers: Vec<CarriedWorker> = self
-            .workers
-            .iter()
-            .map(|(number, w)| CarriedWorker {
-                generation: *number,
-                channel: w.channel.get_ref().as_raw_fd(),
-                notify: w.notify.as_raw_fd(),
-                notify_path: w.notify_file.path().to_path_buf(),
-                notify_uid: w.notify_uid,
-            })
-            .collect();
-        workers.sort_by_key(|w| w.generation);
-        Handover {
-            version: STATE_VERSION,
-            baton_version: env!("CARGO_PKG_VERSION").to_owned(),
-            written_at_ns: upgrade::state::monotonic_ns(),
-            table,
-            host: HostFds {
-                listeners: self
-                    .listeners
-                    .iter()
-                    .map(|l| (l.name.clone(), l.fd.as_raw_fd()))
-                    .collect(),
-                workers,
-                run_dir: self.launcher.run_dir().to_path_buf(),
-                control: CarriedControl {
-                    path,
-                    listener,
-                    dir,
-                    lock,
-                },
-                metrics: self.upgrade.metrics,
-                default_binary: self.upgrade.default_binary.clone(),
-                steer: self.steer.as_ref().map(Steer::carry),
-            },
-        }
     }
 
     /// Steers new connections between generations (`--steer`).
