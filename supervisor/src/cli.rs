@@ -214,6 +214,19 @@ pub struct RunArgs {
     /// tcp://127.0.0.1:9090.
     #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Steer new connections away from a replaced generation before it is
+    /// told to drain, for servers whose own shutdown closes connections it
+    /// accepted but did not read yet. Each TCP listener gets a second
+    /// socket on the same address (SO_REUSEPORT; a socket from systemd needs
+    /// ReusePort=yes); generations alternate between the two, so a reload
+    /// waits while two generations are alive. UDP and Unix listeners are
+    /// shared as without it.
+    #[arg(long)]
+    pub steer: bool,
+    /// With --steer: how long a replaced generation gets no new connections
+    /// (it accepts and reads what it already has) before its drain signal.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration, requires = "steer")]
+    pub steer_grace: Duration,
     /// The worker command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -300,6 +313,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 freeze_grace: args.freeze_grace,
                 stop_timeout: args.stop_timeout,
                 metrics: args.metrics,
+                steer_grace: args.steer.then_some(args.steer_grace),
             })
             .await
         }

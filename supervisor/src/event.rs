@@ -108,6 +108,8 @@ pub enum Timer {
     DrainTimeout,
     /// `--freeze-timeout` passed since this generation's predecessor froze.
     FreezeTimeout,
+    /// `--steer-grace` passed since new connections went elsewhere.
+    SteerGrace,
 }
 
 /// How a child process ended.

@@ -17,7 +17,7 @@
 //! and takes them over again in the new supervisor ([`OsHost::adopt_worker`]).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +36,10 @@ use crate::exec_report::ExecReport;
 use crate::listener::Listener;
 use crate::notify::{self, Systemd};
 use crate::spawn::{Launcher, SocketFile};
+use crate::steer::Steer;
 use crate::upgrade::{self, preflight, state::Table};
+
+mod handover;
 
 /// A pending deadline, to cancel it.
 pub type TimerId = u64;
@@ -84,6 +87,17 @@ pub trait Host {
     fn store_kept(&mut self, snapshot: Option<BorrowedFd<'_>>);
     /// The listeners, for `status`.
     fn listeners(&self) -> Vec<ListenerStatus>;
+    /// `--steer`: new connections go to generation `number`'s sockets from
+    /// now on (`steer.rs`).
+    fn steer_to(&mut self, _number: u64) {}
+    /// `--steer`: generation `number`, about to start, shares generation
+    /// `with`'s sockets.
+    fn steer_share(&mut self, _number: u64, _with: u64) {}
+    /// `--steer`: whether connections wait in generation `number`'s own
+    /// accept queues, not accepted yet.
+    fn steered_queue(&self, _number: u64) -> bool {
+        false
+    }
     /// The binary an upgrade runs when none is named: the path baton was
     /// started from.
     fn default_binary(&self) -> PathBuf;
@@ -127,6 +141,9 @@ pub struct OsHost {
     build_output: HashMap<u64, AbortHandle>,
     timers: HashMap<TimerId, AbortHandle>,
     next_timer: TimerId,
+    /// `--steer`: each TCP listener's second socket, and each living
+    /// generation's side (`None`: every generation shares the listeners).
+    steer: Option<Steer>,
     /// What an upgrade needs beyond the host's own descriptors.
     upgrade: upgrade::Context,
     /// Pre-flight children still running.
@@ -152,36 +169,10 @@ impl OsHost {
             build_output: HashMap::new(),
             timers: HashMap::new(),
             next_timer: 0,
+            steer: None,
             upgrade: upgrade::Context::default(),
             preflights: HashMap::new(),
         }
-    }
-
-    /// Sets what an upgrade needs beyond the host's own descriptors.
-    pub fn upgrade_context(&mut self, context: upgrade::Context) {
-        self.upgrade = context;
-    }
-
-    /// Takes over generation `number`'s channel and notify socket from the
-    /// supervisor before an upgrade, and reads them again.
-    pub fn adopt_worker(
-        &mut self,
-        number: u64,
-        channel: OwnedFd,
-        notify: OwnedFd,
-        carried: &upgrade::state::CarriedWorker,
-    ) -> Result<(), String> {
-        let channel = Arc::new(crate::sys::async_fd(channel).map_err(|e| e.to_string())?);
-        let socket = notify.try_clone().map_err(|e| e.to_string())?;
-        self.watch(
-            number,
-            channel,
-            notify,
-            std::os::unix::net::UnixDatagram::from(socket),
-            carried.notify_uid,
-            SocketFile::adopt(carried.notify_path.clone()),
-        );
-        Ok(())
     }
 
     /// Reads generation `number`'s notify socket and channel into events.
@@ -215,54 +206,39 @@ impl OsHost {
         self.workers.insert(number, worker);
     }
 
-    /// The hand-over state: `table` and which descriptor is what.
-    fn handover(&self, table: Table) -> upgrade::state::Handover {
-        use upgrade::state::{CarriedControl, CarriedWorker, Handover, HostFds, STATE_VERSION};
-        let (path, listener, dir, lock) = self.upgrade.control.clone().unwrap_or_default();
-        let mut workers: Vec<CarriedWorker> = self
-            .workers
-            .iter()
-            .map(|(number, w)| CarriedWorker {
-                generation: *number,
-                channel: w.channel.get_ref().as_raw_fd(),
-                notify: w.notify.as_raw_fd(),
-                notify_path: w.notify_file.path().to_path_buf(),
-                notify_uid: w.notify_uid,
-            })
-            .collect();
-        workers.sort_by_key(|w| w.generation);
-        Handover {
-            version: STATE_VERSION,
-            baton_version: env!("CARGO_PKG_VERSION").to_owned(),
-            written_at_ns: upgrade::state::monotonic_ns(),
-            table,
-            host: HostFds {
-                listeners: self
-                    .listeners
-                    .iter()
-                    .map(|l| (l.name.clone(), l.fd.as_raw_fd()))
-                    .collect(),
-                workers,
-                run_dir: self.launcher.run_dir().to_path_buf(),
-                control: CarriedControl {
-                    path,
-                    listener,
-                    dir,
-                    lock,
-                },
-                metrics: self.upgrade.metrics,
-                default_binary: self.upgrade.default_binary.clone(),
-            },
+    /// Steers new connections between generations (`--steer`).
+    pub fn with_steer(mut self, steer: Option<Steer>) -> OsHost {
+        self.steer = steer;
+        self
+    }
+
+    /// Generation `number`'s descriptors of the listeners, in order.
+    fn listener_fds(&self, number: u64) -> Vec<BorrowedFd<'_>> {
+        match &self.steer {
+            Some(steer) => steer.fds(number, &self.listeners),
+            None => self.listeners.iter().map(|l| l.fd.as_fd()).collect(),
         }
     }
 }
 
 impl Host for OsHost {
     fn spawn_worker(&mut self, number: u64) -> Result<Pid, String> {
-        let spawned = self
-            .launcher
-            .worker(number, &self.listeners)
-            .map_err(|e| format!("{e:#}"))?;
+        if let Some(steer) = &mut self.steer {
+            steer.assign(number)?;
+        }
+        let names = self.listeners.iter().map(|l| l.name.as_str());
+        let named: Vec<_> = names.zip(self.listener_fds(number)).collect();
+        let spawned = self.launcher.worker(number, &named);
+        drop(named);
+        let spawned = match spawned {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                if let Some(steer) = &mut self.steer {
+                    steer.forget(number, &self.listeners);
+                }
+                return Err(format!("{e:#}"));
+            }
+        };
         let channel = match crate::sys::async_fd(spawned.channel) {
             Ok(fd) => Arc::new(fd),
             Err(e) => {
@@ -316,6 +292,9 @@ impl Host for OsHost {
                 task.abort();
             }
         }
+        if let Some(steer) = &mut self.steer {
+            steer.forget(number, &self.listeners);
+        }
     }
 
     fn abandon_build_output(&mut self, number: u64) {
@@ -341,7 +320,7 @@ impl Host for OsHost {
             listeners: self.listeners.iter().map(Listener::info).collect(),
         };
         let worker = self.workers.get(&number).ok_or(ProtocolError::Closed)?;
-        let fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let fds = self.listener_fds(number);
         protocol::send(worker.channel.get_ref().as_fd(), &welcome, &fds)
     }
 
@@ -409,6 +388,24 @@ impl Host for OsHost {
                 address: l.bound.to_string(),
             })
             .collect()
+    }
+
+    fn steer_to(&mut self, number: u64) {
+        if let Some(steer) = &mut self.steer {
+            steer.steer_to(number);
+        }
+    }
+
+    fn steer_share(&mut self, number: u64, with: u64) {
+        if let Some(steer) = &mut self.steer {
+            steer.share(number, with);
+        }
+    }
+
+    fn steered_queue(&self, number: u64) -> bool {
+        self.steer
+            .as_ref()
+            .is_some_and(|s| s.queued(number, &self.listeners))
     }
 
     fn default_binary(&self) -> PathBuf {

@@ -13,7 +13,9 @@
 //! * [`event`]: everything the loop reacts to; [`api`]: the control
 //!   requests and answers, shared with the client.
 //! * [`generations`]: the generation table; [`build`]: the `--build` step.
-//! * [`listener`]: `--listen` parsing and binding the kept sockets.
+//! * [`listener`]: `--listen` parsing and binding the kept sockets;
+//!   [`steer`]: `--steer`, a second socket per TCP listener and which
+//!   generation gets new connections.
 //! * [`spawn`]: a worker's command line, environment and descriptors;
 //!   `sys` holds the fork/exec, the crate's only unsafe code.
 //! * [`notify`]: sd_notify, from workers and to systemd.
@@ -44,6 +46,7 @@ pub mod run;
 pub mod run_dir;
 pub mod spawn;
 pub mod state;
+pub mod steer;
 pub mod supervisor;
 pub(crate) mod sys;
 pub mod upgrade;
@@ -71,6 +74,9 @@ pub enum Error {
     /// A `--listen NAME=systemd` cannot be adopted.
     #[error("{0}")]
     Activation(String),
+    /// `--steer` cannot be used with these listeners.
+    #[error("--steer: {0}")]
+    Steer(String),
     /// `--user`/`--group` cannot be used.
     #[error("{0}")]
     User(String),

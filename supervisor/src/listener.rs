@@ -23,7 +23,7 @@ use crate::Error;
 /// The listen backlog: the kernel caps it at `net.core.somaxconn`. Connections
 /// that arrive while no generation accepts (a reload's hand-over, a crash
 /// restart) wait here, so it is generous.
-const BACKLOG: i32 = 4096;
+pub(crate) const BACKLOG: i32 = 4096;
 
 /// One `--listen NAME=ADDR` as written by the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,8 +98,13 @@ pub struct Listener {
 
 impl Listener {
     /// Binds `spec` (or adopts it from `activated`), with a clear error
-    /// naming the listener and the address.
-    pub fn bind(spec: &ListenSpec, activated: &mut Activated) -> Result<Listener, Error> {
+    /// naming the listener and the address; a TCP socket with `SO_REUSEPORT`
+    /// if `reuse_port` (`--steer` puts a second socket beside it).
+    pub fn bind(
+        spec: &ListenSpec,
+        activated: &mut Activated,
+        reuse_port: bool,
+    ) -> Result<Listener, Error> {
         let bind_err = |source: std::io::Error| Error::Bind {
             name: spec.name.clone(),
             addr: spec.addr.to_string(),
@@ -140,12 +145,12 @@ impl Listener {
                 (socket, kind, unlink)
             }
             (ListenSource::Bind(ListenAddr::Tcp(addr)), None) => (
-                bind_inet(*addr, Type::STREAM).map_err(bind_err)?,
+                bind_inet(*addr, Type::STREAM, reuse_port).map_err(bind_err)?,
                 ListenerKind::Tcp,
                 None,
             ),
             (ListenSource::Bind(ListenAddr::Udp(addr)), None) => (
-                bind_inet(*addr, Type::DGRAM).map_err(bind_err)?,
+                bind_inet(*addr, Type::DGRAM, false).map_err(bind_err)?,
                 ListenerKind::Udp,
                 None,
             ),
@@ -361,7 +366,7 @@ pub fn store_name(name: &str) -> String {
     format!("baton-listen-{name}")
 }
 
-fn bind_inet(addr: SocketAddr, ty: Type) -> std::io::Result<Socket> {
+fn bind_inet(addr: SocketAddr, ty: Type, reuse_port: bool) -> std::io::Result<Socket> {
     // socket2 creates the socket close-on-exec; workers get dups placed by
     // `sys::spawn`.
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
@@ -371,6 +376,9 @@ fn bind_inet(addr: SocketAddr, ty: Type) -> std::io::Result<Socket> {
     }
     if ty == Type::STREAM {
         socket.set_reuse_address(true)?;
+    }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
     }
     socket.bind(&addr.into())?;
     if ty == Type::STREAM {

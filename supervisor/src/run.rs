@@ -26,6 +26,7 @@ use crate::notify::Systemd;
 use crate::run_dir::RunDir;
 use crate::spawn::{Launcher, RunAs};
 use crate::state::Snapshot;
+use crate::steer::Steer;
 use crate::supervisor::{Config, Outcome, Supervisor};
 use crate::upgrade;
 use crate::watch;
@@ -43,10 +44,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
     check_names(&config)?;
     let carried = upgrade::adopt::from_env()?;
     let systemd = Systemd::from_env();
-    let (listeners, kept, mut control) = match &carried {
+    let (listeners, steer, kept, mut control) = match &carried {
         None => {
             let mut activated = Activated::from_env();
             let listeners = bind_listeners(&config, &mut activated)?;
+            let steer = match config.steer_grace {
+                Some(_) => Some(Steer::new(&listeners, &mut activated)?),
+                None => None,
+            };
             let kept = adopt_kept(&mut activated, config.max_state);
             let unused = activated.unused();
             if !unused.is_empty() {
@@ -57,13 +62,28 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
             drop(activated);
             use_fd_store(&systemd, &listeners);
-            (listeners, kept, ControlSocket::bind(&config.control)?)
+            (
+                listeners,
+                steer,
+                kept,
+                ControlSocket::bind(&config.control)?,
+            )
         }
         Some(state) => {
             let mut activated = upgrade::adopt::listeners(state, &config.listeners)?;
             let listeners = bind_listeners(&config, &mut activated)?;
+            // The twins, sides and target cross the exec; a state without
+            // them (no --steer before) gets twins bound now.
+            let steer = match (
+                config.steer_grace,
+                upgrade::adopt::steer(state, &listeners)?,
+            ) {
+                (Some(_), Some(steer)) => Some(steer),
+                (Some(_), None) => Some(Steer::new(&listeners, &mut activated)?),
+                (None, _) => None,
+            };
             let kept = upgrade::adopt::kept(state, config.max_state)?;
-            (listeners, kept, upgrade::adopt::control(state)?)
+            (listeners, steer, kept, upgrade::adopt::control(state)?)
         }
     };
     let run_as = RunAs::resolve(config.user.as_deref(), config.group.as_deref())?;
@@ -128,7 +148,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!("control socket {}", control.path().display());
 
     let metrics = config.metrics;
-    let mut host = OsHost::new(launcher, listeners, tx.clone(), systemd);
+    let mut host = OsHost::new(launcher, listeners, tx.clone(), systemd).with_steer(steer);
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let default_binary = match &carried {
         Some(state) => state.host.default_binary.clone(),
@@ -290,7 +310,7 @@ fn bind_listeners(config: &Config, activated: &mut Activated) -> Result<Vec<List
     config
         .listeners
         .iter()
-        .map(|spec| Listener::bind(spec, activated))
+        .map(|spec| Listener::bind(spec, activated, config.steer_grace.is_some()))
         .collect()
 }
 

@@ -30,7 +30,6 @@ use baton_worker::protocol::{CHANNEL_FD_ENV, GENERATION_ENV};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 
-use crate::listener::Listener;
 use crate::run_dir::RunDir;
 pub use crate::run_dir::SocketFile;
 use crate::sys::{self, Credentials};
@@ -342,8 +341,8 @@ impl Launcher {
         self.run_dir.path()
     }
 
-    /// Starts generation `generation` of the worker on `listeners`.
-    pub fn worker(&self, generation: u64, listeners: &[Listener]) -> Result<Spawned, Error> {
+    /// Starts generation `generation` on listeners `named`: (name, socket).
+    pub fn worker(&self, generation: u64, named: &[(&str, BorrowedFd)]) -> Result<Spawned, Error> {
         let candidates = self.command.candidates()?;
         let io = |what: &str, source: std::io::Error| Error::Io {
             context: format!("starting generation {generation}: {what}"),
@@ -389,11 +388,11 @@ impl Launcher {
         )
         .map_err(|e| io("configuring its channel", e.into()))?;
 
-        let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let mut fds: Vec<BorrowedFd<'_>> = named.iter().map(|(_, fd)| *fd).collect();
         let channel_fd = 3 + fds.len();
         fds.push(theirs.as_fd());
 
-        let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        let names: Vec<&str> = named.iter().map(|(n, _)| *n).collect();
         let mut env = self.base_env();
         let mut set = |k: &str, v: &[u8]| {
             let mut kv = format!("{k}=").into_bytes();
@@ -402,7 +401,7 @@ impl Launcher {
                 env.push(c);
             }
         };
-        set("LISTEN_FDS", listeners.len().to_string().as_bytes());
+        set("LISTEN_FDS", named.len().to_string().as_bytes());
         set("LISTEN_FDNAMES", names.join(":").as_bytes());
         set("NOTIFY_SOCKET", notify_file.path().as_os_str().as_bytes());
         set(CHANNEL_FD_ENV, channel_fd.to_string().as_bytes());

@@ -280,9 +280,16 @@ impl BatonBuilder {
             }
             None => Command::new(bin("baton")),
         };
+        // `BATON_TEST_STEER=DUR` runs every baton with `--steer --steer-grace
+        // DUR`: the whole suite with the mode on.
+        let steer = std::env::var("BATON_TEST_STEER")
+            .ok()
+            .filter(|_| !self.options.iter().any(|o| o == "--steer"))
+            .map(|grace| ["--steer".to_owned(), "--steer-grace".to_owned(), grace]);
         cmd.arg("run")
             .arg("--control")
             .arg(&control)
+            .args(steer.iter().flatten())
             .args(&self.options)
             .arg("--")
             .args(&self.command)

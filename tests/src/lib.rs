@@ -6,7 +6,8 @@
 //! `harness` starts the real `baton` binary in a temporary directory per
 //! test and drives it over its control socket; `http` sends the one-off
 //! `GET`s a test reads a single answer from; `state_cost` measures what
-//! handing kept state to the next generation costs; `rig` boots a real
+//! handing kept state to the next generation costs; `lossy` runs servers
+//! whose own drain loses requests (for `--steer`); `rig` boots a real
 //! systemd in a container (`tests/systemd-rig/`) for the tests that run the
 //! shipped units. Nothing here links the supervisor; the SDK only for its
 //! protocol constants.
@@ -16,6 +17,7 @@ pub mod harness;
 pub mod http;
 pub mod hyper_load;
 pub mod load;
+pub mod lossy;
 pub mod rig;
 pub mod state_cost;
 mod sys;

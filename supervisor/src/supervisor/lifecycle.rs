@@ -21,7 +21,6 @@ use crate::host::Host;
 impl<H: Host> Supervisor<H> {
     /// Tells generation `number` to drain and arms its kill deadline.
     pub(super) fn begin_drain(&mut self, number: u64, why: &str) {
-        let timeout = self.config.drain_timeout;
         let Some(g) = self.generations.get_mut(number) else {
             return;
         };
@@ -30,6 +29,16 @@ impl<H: Host> Supervisor<H> {
         }
         g.phase = Phase::Draining;
         g.draining_since = Some(std::time::Instant::now());
+        self.send_drain(number, why);
+    }
+
+    /// Sends draining generation `number` its drain message or signal now,
+    /// and arms its kill deadline.
+    pub(super) fn send_drain(&mut self, number: u64, why: &str) {
+        let timeout = self.config.drain_timeout;
+        let Some(g) = self.generations.get(number) else {
+            return;
+        };
         let (pid, by_message) = (g.pid, g.speaks_protocol);
         let drain = SupervisorMessage::Drain {
             timeout_ms: timeout.as_millis() as u64,
@@ -77,6 +86,7 @@ impl<H: Host> Supervisor<H> {
         for n in self.generations.numbers() {
             self.begin_drain(n, "baton is stopping");
         }
+        self.end_steer_graces("baton is stopping");
     }
 
     /// `--stop-timeout` ran out: whatever still runs is killed, and baton
@@ -199,6 +209,7 @@ impl<H: Host> Supervisor<H> {
                 };
                 self.on_ready(number, &format!("alive for {after}"));
             }
+            (Timer::SteerGrace, Phase::Draining) => self.on_steer_grace(number),
             (Timer::DrainTimeout, Phase::Draining) => {
                 tracing::warn!(
                     "generation {number} (pid {pid}) still running {} after it was told to \

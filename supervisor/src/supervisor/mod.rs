@@ -27,6 +27,7 @@ mod lifecycle;
 mod messages;
 mod reload;
 mod restart;
+mod steer;
 #[cfg(test)]
 mod tests;
 mod upgrade;
@@ -100,6 +101,10 @@ pub struct Config {
     pub stop_timeout: Option<Duration>,
     /// `--metrics`: where to serve Prometheus metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `--steer-grace` with `--steer` (`None`: no steering): how long a
+    /// replaced generation gets no new connections before it is told to
+    /// drain.
+    pub steer_grace: Option<Duration>,
 }
 
 /// How the loop ended.

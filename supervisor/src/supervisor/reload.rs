@@ -100,6 +100,9 @@ pub(super) struct Reloads {
     pub counts: api::ReloadCounts,
     /// The first generation has served.
     pub ever_served: bool,
+    /// `--steer`: replaced generations that get no new connections and
+    /// have not been told to drain yet: when, and why they were replaced.
+    pub graced: std::collections::BTreeMap<u64, (Instant, String)>,
 }
 
 impl Reloads {
@@ -149,6 +152,9 @@ impl<H: Host> Supervisor<H> {
                  (at most {} at once)",
                 self.config.max_draining
             );
+            return;
+        }
+        if self.steer_blocks_reload() {
             return;
         }
         let waiters = self.reloads.queued.take().unwrap_or_default();
@@ -308,6 +314,7 @@ impl<H: Host> Supervisor<H> {
         if !self.reloads.in_flight_is(number) {
             return;
         }
+        self.steer_before_spawn(number);
         match self.host.spawn_worker(number) {
             Ok(pid) => self.add_generation(number, pid),
             Err(reason) => self.finish_in_flight(number, Err(Failure::Spawn(reason))),
@@ -336,7 +343,7 @@ impl<H: Host> Supervisor<H> {
         if restart && self.generations.serving().is_some() {
             // A reload served first: this restart is not needed.
             self.reloads.restart.starting = None;
-            self.begin_drain(number, "a reload replaced the crashed worker first");
+            self.retire(number, "a reload replaced the crashed worker first");
             return;
         }
         let Some(g) = self.generations.get_mut(number) else {
@@ -349,9 +356,12 @@ impl<H: Host> Supervisor<H> {
         for timer in timers {
             self.host.cancel(timer.id);
         }
+        if self.config.steer_grace.is_some() {
+            self.host.steer_to(number);
+        }
         for old in self.generations.numbers_in(Phase::Serving) {
             if old != number {
-                self.begin_drain(old, "replaced");
+                self.retire(old, "replaced");
             }
         }
         if restart {
@@ -360,7 +370,7 @@ impl<H: Host> Supervisor<H> {
         }
         if let Some((r, _)) = self.reloads.restart.starting.take() {
             // A crash restart still starting beside this reload.
-            self.begin_drain(r, &format!("generation {number} serves first"));
+            self.retire(r, &format!("generation {number} serves first"));
         }
         let pause = self
             .reloads

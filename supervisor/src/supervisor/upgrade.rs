@@ -22,7 +22,9 @@ use crate::generations::{Generation, Phase};
 use crate::host::Host;
 use crate::state::Snapshot;
 use crate::upgrade::preflight;
-use crate::upgrade::state::{CarriedGeneration, CarriedKept, CarriedTimer, CarriedUpgrade, Table};
+use crate::upgrade::state::{
+    CarriedGeneration, CarriedGrace, CarriedKept, CarriedTimer, CarriedUpgrade, Table,
+};
 
 /// This baton's version.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -364,6 +366,16 @@ impl<H: Host> Supervisor<H> {
                 elapsed_ms: ms(pending.started.elapsed()),
                 clients: pending.clients.iter().map(|c| c.as_raw_fd()).collect(),
             },
+            steer_graced: self
+                .reloads
+                .graced
+                .iter()
+                .map(|(n, (since, why))| CarriedGrace {
+                    generation: *n,
+                    waited_ms: ms(now.saturating_duration_since(*since)),
+                    why: why.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -402,6 +414,12 @@ impl<H: Host> Supervisor<H> {
                 let left = Duration::from_millis(t.remaining_ms).saturating_sub(gap);
                 self.arm(c.number, left, t.timer);
             }
+        }
+        for g in &table.steer_graced {
+            let why = g.why.clone();
+            self.reloads
+                .graced
+                .insert(g.generation, (ago(g.waited_ms), why));
         }
         self.kept = kept;
         self.reloads.counts = table.reloads;

@@ -14,6 +14,7 @@ use super::state::{CarriedKept, Handover, STATE_FD_ENV};
 use crate::control::ControlSocket;
 use crate::listener::{self, Activated, ListenSource, ListenSpec};
 use crate::state::Snapshot;
+use crate::steer::Steer;
 use crate::Error;
 
 fn fail(what: String) -> Error {
@@ -71,6 +72,22 @@ pub fn control(state: &Handover) -> Result<ControlSocket, Error> {
         own(c.dir, "the control directory")?,
         own(c.lock, "the control lock file")?,
     )
+}
+
+/// `--steer`'s second sockets, sides and target, if the old supervisor
+/// steered; `None` if it did not (then `run.rs` binds them afresh).
+pub fn steer(state: &Handover, listeners: &[listener::Listener]) -> Result<Option<Steer>, Error> {
+    let Some(carried) = &state.host.steer else {
+        return Ok(None);
+    };
+    let mut twins = Vec::new();
+    for (i, fd) in &carried.twins {
+        twins.push((
+            *i,
+            own(*fd, &format!("listener {i}'s second socket (--steer)"))?,
+        ));
+    }
+    Steer::adopt(twins, carried, listeners).map(Some)
 }
 
 /// The `--metrics` listener, if there was one.

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{LastReload, LastUpgrade, Phase, ReloadCounts, UpgradeCounts};
 use crate::event::Timer;
 use crate::metrics::Metrics;
+use crate::steer::Side;
 
 /// The hand-over format this baton writes, and the newest it reads.
 /// Version 2: the kept values may be a pair, a pre-copy and the values
@@ -84,6 +85,35 @@ pub struct Table {
     pub last_upgrade: Option<LastUpgrade>,
     /// This upgrade.
     pub upgrade: CarriedUpgrade,
+    /// `--steer`: the generations in their grace (no new connections, not
+    /// yet told to drain); the grace's time left is their `steer_grace`
+    /// timer. Absent without `--steer`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steer_graced: Vec<CarriedGrace>,
+}
+
+/// `--steer`: a generation in its grace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedGrace {
+    /// The generation.
+    pub generation: u64,
+    /// How long it had got no new connections, in milliseconds (its
+    /// graces end at `--drain-timeout` plus one grace in all).
+    pub waited_ms: u64,
+    /// Why it was replaced, for its drain message.
+    pub why: String,
+}
+
+/// `--steer`'s host side: the second sockets and who is on which side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedSteer {
+    /// Each TCP listener's second socket: the listener's position in
+    /// `--listen` order, and the descriptor.
+    pub twins: Vec<(usize, RawFd)>,
+    /// Each living generation's side.
+    pub sides: Vec<(u64, Side)>,
+    /// The side new connections go to (the steering program's target).
+    pub target: Side,
 }
 
 /// One generation, as it crosses.
@@ -179,6 +209,12 @@ pub struct HostFds {
     pub metrics: Option<RawFd>,
     /// The path baton was started from: where SIGUSR2 upgrades from.
     pub default_binary: PathBuf,
+    /// `--steer`'s second sockets and sides. Absent without `--steer`, so
+    /// a state without it is byte for byte what a baton before `--steer`
+    /// wrote (no version bump: an older baton can only meet this field
+    /// under `--steer`, which its pre-flight refuses as an argument).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steer: Option<CarriedSteer>,
 }
 
 /// One generation's descriptors.
@@ -222,6 +258,9 @@ impl Handover {
         fds.extend(h.metrics);
         fds.extend(self.table.kept.iter().flat_map(CarriedKept::fds));
         fds.extend(&self.table.upgrade.clients);
+        if let Some(steer) = &h.steer {
+            fds.extend(steer.twins.iter().map(|(_, fd)| *fd));
+        }
         fds
     }
 
@@ -235,6 +274,18 @@ impl Handover {
         }
         if let Some(w) = fds.windows(2).find(|w| w[0] == w[1]) {
             return Err(format!("it names descriptor {} twice", w[0]));
+        }
+        if let Some((listener, _)) = self
+            .host
+            .steer
+            .iter()
+            .flat_map(|s| &s.twins)
+            .find(|(l, _)| *l >= self.host.listeners.len())
+        {
+            return Err(format!(
+                "a second socket of listener {listener}, but it carries {} listener(s)",
+                self.host.listeners.len()
+            ));
         }
         let known = |n: u64| self.table.generations.iter().any(|g| g.number == n);
         if let Some(w) = self.host.workers.iter().find(|w| !known(w.generation)) {

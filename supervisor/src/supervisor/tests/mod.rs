@@ -6,12 +6,14 @@
 //! the events the real host would.
 //!
 //! `reloads.rs`: starting, reloading, building, crash restarts, stopping;
-//! `handoff.rs`: what workers say, and kept values; `upgrade.rs`: upgrades
-//! of baton itself, and the table's round trip through the hand-over state.
+//! `handoff.rs`: what workers say, and kept values; `steer.rs`: `--steer`'s
+//! grace before the drain signal; `upgrade.rs`: upgrades of baton itself,
+//! and the table's round trip through the hand-over state.
 
 mod handoff;
 mod pre_copy;
 mod reloads;
+mod steer;
 mod upgrade;
 
 use std::collections::HashSet;
@@ -55,6 +57,10 @@ pub(super) struct Fake {
     pub(super) systemd: Vec<String>,
     /// What went to systemd's store: a snapshot (`true`) or its removal.
     pub(super) stored_kept: Vec<bool>,
+    /// `--steer`: the generations new connections were steered to, in order.
+    pub(super) steered: Vec<u64>,
+    /// `--steer`: generations with connections waiting in their queue.
+    pub(super) queued: HashSet<u64>,
     /// Pre-flights started: their binary and the table they were given.
     pub(super) preflights: Vec<(Pid, std::path::PathBuf, Table)>,
     /// What the next pre-flight verdict is.
@@ -137,6 +143,12 @@ impl Host for Fake {
     fn listeners(&self) -> Vec<ListenerStatus> {
         Vec::new()
     }
+    fn steer_to(&mut self, number: u64) {
+        self.steered.push(number);
+    }
+    fn steered_queue(&self, number: u64) -> bool {
+        self.queued.contains(&number)
+    }
     fn default_binary(&self) -> std::path::PathBuf {
         "/usr/bin/baton".into()
     }
@@ -180,6 +192,7 @@ pub(super) fn config() -> Config {
         freeze_timeout: Duration::from_secs(10),
         freeze_grace: Duration::from_secs(2),
         stop_timeout: None,
+        steer_grace: None,
         metrics: None,
     }
 }

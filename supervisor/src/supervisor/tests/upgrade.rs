@@ -1,7 +1,8 @@
 //! Upgrades of baton itself on the fake host: the pre-flight, what waits
 //! for what, failures answered with their reason, and the generation
 //! table's round trip through the hand-over state (phases, timers with the
-//! time they had left, kept values, counters).
+//! time they had left, kept values, counters; under `--steer`, the second
+//! sockets, sides, target and graces).
 
 use std::time::Duration;
 
@@ -12,10 +13,11 @@ use crate::api::{Reply, Request};
 use crate::event::{Event, Exit, Timer};
 use crate::generations::Phase;
 use crate::state::Snapshot;
+use crate::steer::Side;
 use crate::supervisor::Supervisor;
 use std::os::fd::IntoRawFd;
 
-use crate::upgrade::state::{CarriedKept, Handover, HostFds, STATE_VERSION};
+use crate::upgrade::state::{CarriedKept, CarriedSteer, Handover, HostFds, STATE_VERSION};
 
 fn upgrade(rig: &mut Rig, binary: &str, wait: bool) {
     let client = wait.then(OwnedFdOf::pipe);
@@ -196,6 +198,7 @@ fn the_table_survives_the_hand_over_state_with_its_deadlines() {
             },
             metrics: None,
             default_binary: "/usr/bin/baton".into(),
+            steer: None,
         },
     };
     let json = serde_json::to_string(&state).expect("json");
@@ -301,4 +304,112 @@ fn an_older_state_reads_and_a_newer_one_is_refused_with_why() {
     assert!(Handover::parse("not json")
         .expect_err("refused")
         .contains("not a baton"));
+}
+
+#[test]
+fn steering_and_a_pending_grace_survive_the_hand_over_state() {
+    // --steer: generation 2 took over, generation 1 is in its grace.
+    let steer = crate::supervisor::Config {
+        steer_grace: Some(Duration::from_millis(250)),
+        ..config()
+    };
+    let mut rig = Rig::new(steer.clone());
+    rig.ready(1);
+    rig.reload();
+    rig.ready(2);
+    assert_eq!(rig.host().steered, [1, 2]);
+    assert!(!rig.drained_by_signal(1));
+    upgrade(&mut rig, "/opt/new/baton", false);
+    let table = rig.host().preflights[0].2.clone();
+    assert_eq!(table.steer_graced.len(), 1);
+    assert_eq!(table.steer_graced[0].generation, 1);
+    let grace = &table.generations[0].timers;
+    assert!(
+        matches!(grace[..], [t] if t.timer == Timer::SteerGrace && t.remaining_ms <= 250),
+        "{grace:?}"
+    );
+
+    // The host's side: generation 1 on the listener's own socket, 2 on the
+    // twin, new connections to the twin.
+    let state = Handover {
+        version: STATE_VERSION,
+        baton_version: "0.0.1".into(),
+        written_at_ns: 0,
+        table,
+        host: HostFds {
+            listeners: vec![("web".into(), 90_020)],
+            workers: Vec::new(),
+            run_dir: "/run/baton-x".into(),
+            control: crate::upgrade::state::CarriedControl {
+                path: "/run/baton.sock".into(),
+                listener: 90_001,
+                dir: 90_002,
+                lock: 90_003,
+            },
+            metrics: None,
+            default_binary: "/usr/bin/baton".into(),
+            steer: Some(CarriedSteer {
+                twins: vec![(0, 90_010)],
+                sides: vec![(1, Side::A), (2, Side::B)],
+                target: Side::B,
+            }),
+        },
+    };
+    assert!(state.fds().contains(&90_010), "the twin crosses the exec");
+    let json = serde_json::to_string(&state).expect("json");
+    let read = Handover::parse(&json).expect("reads");
+    assert_eq!(read, state);
+    // A twin of a listener the state does not carry is refused by name.
+    let mut bad = state.clone();
+    bad.host.steer.as_mut().expect("steer").twins[0].0 = 3;
+    let why = Handover::parse(&serde_json::to_string(&bad).expect("json")).expect_err("refused");
+    assert!(why.contains("listener 3"), "{why}");
+    // Without --steer the state is what a baton before it wrote (no new
+    // key), and such a state still reads.
+    let mut plain = state.clone();
+    plain.host.steer = None;
+    plain.table.steer_graced.clear();
+    let plain = serde_json::to_string(&plain).expect("json");
+    assert!(
+        !plain.contains("\"steer\"") && !plain.contains("steer_graced"),
+        "{plain}"
+    );
+    assert!(Handover::parse(&plain).expect("reads").host.steer.is_none());
+
+    // The new supervisor re-arms the grace with what it had left and tells
+    // generation 1 to drain when it passes, not before.
+    let mut new = Rig {
+        sv: Supervisor::new(steer, Fake::default()),
+    };
+    // The fake host of the new supervisor knows the adopted workers' pids.
+    let pids = read
+        .table
+        .generations
+        .iter()
+        .map(|g| (g.number, nix::unistd::Pid::from_raw(g.pid)));
+    new.host().workers.extend(pids);
+    let gap = Duration::from_millis(20);
+    new.sv
+        .import(read.table, gap, None, Vec::new(), "0.0.1".into());
+    assert_eq!(new.phase(1), Some(Phase::Draining));
+    assert!(!new.drained_by_signal(1), "told before its grace passed");
+    let armed = &new.host().timers;
+    assert!(
+        armed
+            .iter()
+            .any(|(_, d, e)| *d <= Duration::from_millis(230)
+                && matches!(
+                    e,
+                    Event::Timer {
+                        generation: 1,
+                        timer: Timer::SteerGrace
+                    }
+                )),
+        "{armed:?}"
+    );
+    new.fire_timer(1, Timer::SteerGrace);
+    assert!(
+        new.drained_by_signal(1),
+        "the carried grace ended in a drain"
+    );
 }
