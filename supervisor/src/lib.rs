@@ -22,7 +22,8 @@
 //! * [`state`]: snapshots of kept values, checked and passed on unread.
 //! * [`control`]: the control socket behind `baton reload|status|stop`.
 //! * [`watch`]: `--watch`, file changes debounced into reload triggers.
-//! * [`cli`]: the command line and the client commands.
+//! * [`cli`]: the command line and the client commands; [`status_text`]
+//!   prints `baton status` for a person.
 //! * [`upgrade`]: upgrading baton itself in place: the hand-over state,
 //!   the pre-flight, the exec; [`run_dir`]: files baton removes when done.
 //! * [`logging`]: stderr logs for a terminal or for journald, written by a
@@ -46,6 +47,7 @@ pub mod run;
 pub mod run_dir;
 pub mod spawn;
 pub mod state;
+pub mod status_text;
 pub mod steer;
 pub mod supervisor;
 pub(crate) mod sys;
