@@ -669,12 +669,13 @@ fn a_snapshot_lost_to_the_descriptor_limit_fails_the_reload_and_the_old_generati
                 .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("--keep-delay"))
         })
     });
-    // Its start left three descriptors open in baton (notify socket,
-    // channel, exec report) and closed the rest: now baton can open none.
+    // Its start left four descriptors open in baton (the notify socket and
+    // the duplicate an upgrade would carry, the channel, the exec report)
+    // and closed the rest: now baton can open none.
     wait_for(
         "the start's own descriptors to close",
         Duration::from_secs(10),
-        || (fd_count(pid) == before + 3).then_some(()),
+        || (fd_count(pid) == before + 4).then_some(()),
     );
     prlimit_nofile(pid, &lowest_free_fd(pid).to_string());
     // Generation 2 asks for the count; generation 1 freezes and sends it;

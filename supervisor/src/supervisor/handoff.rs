@@ -348,7 +348,8 @@ impl<H: Host> Supervisor<H> {
     /// baton itself could not take in a message whole (out of descriptors,
     /// say): not the worker's fault, and its channel stays. A snapshot that
     /// lost its memfd fails the reload it was for (the frozen generation
-    /// thaws with its values); a lost checkpoint waits for the next one.
+    /// thaws with its values); a lost checkpoint waits for the next one; a
+    /// lost pre-copy leaves its successor to take the whole snapshot.
     pub(super) fn on_lost(&mut self, number: u64, e: ProtocolError) {
         match e.lost_message::<WorkerMessage>() {
             Some(WorkerMessage::Frozen { .. }) => match self.awaiting_snapshot_of(number) {
@@ -362,6 +363,14 @@ impl<H: Host> Supervisor<H> {
             },
             Some(WorkerMessage::Checkpoint { .. }) => {
                 tracing::warn!("generation {number}: {e}; its next checkpoint replaces it");
+            }
+            // The freeze's snapshot will hold everything: the successor
+            // goes on without a pre-copy.
+            Some(WorkerMessage::PreCopied { for_generation, .. }) => {
+                tracing::warn!("generation {number}: {e}; {for_generation} goes on without it");
+                if self.predecessor_of(for_generation) == Some(number) {
+                    self.send_no_pre_copy(for_generation);
+                }
             }
             _ => tracing::warn!("generation {number}: {e}"),
         }
