@@ -30,15 +30,7 @@ pub fn exec(binary: &Path, argv: &[OsString], state: &Handover) -> String {
             .iter()
             .map(|a| c(a.as_bytes()))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut env: Vec<CString> = std::env::vars_os()
-            .filter(|(k, _)| k != STATE_FD_ENV)
-            .filter_map(|(k, v)| {
-                let mut kv = k.into_encoded_bytes();
-                kv.push(b'=');
-                kv.extend(v.into_encoded_bytes());
-                CString::new(kv).ok()
-            })
-            .collect();
+        let mut env: Vec<CString> = super::environment();
         env.push(c(
             format!("{STATE_FD_ENV}={}", memfd.as_raw_fd()).as_bytes()
         )?);

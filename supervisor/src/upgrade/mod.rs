@@ -73,3 +73,17 @@ pub fn started_from(argv0: &Path) -> PathBuf {
 pub fn client_binary(binary: Option<PathBuf>) -> Option<PathBuf> {
     binary.map(|b| std::path::absolute(&b).unwrap_or(b))
 }
+
+/// baton's environment for the new binary (the pre-flight child or the
+/// exec), without a hand-over state's descriptor number from before.
+fn environment() -> Vec<std::ffi::CString> {
+    std::env::vars_os()
+        .filter(|(k, _)| k != state::STATE_FD_ENV)
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_encoded_bytes();
+            kv.push(b'=');
+            kv.extend(v.into_encoded_bytes());
+            std::ffi::CString::new(kv).ok()
+        })
+        .collect()
+}

@@ -55,15 +55,7 @@ pub fn spawn(binary: &Path, args: &[OsString], state: &OwnedFd) -> Result<Child,
     for a in args {
         argv.push(c(a.as_bytes())?);
     }
-    let env: Vec<CString> = std::env::vars_os()
-        .filter(|(k, _)| k != super::state::STATE_FD_ENV)
-        .filter_map(|(k, v)| {
-            let mut kv = k.into_encoded_bytes();
-            kv.push(b'=');
-            kv.extend(v.into_encoded_bytes());
-            CString::new(kv).ok()
-        })
-        .collect();
+    let env: Vec<CString> = super::environment();
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
             .map_err(|e| format!("creating a pipe for it: {e}"))?;
